@@ -3,3 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod proxy;
+pub mod sources;
+pub mod telemetry;

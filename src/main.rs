@@ -1,9 +1,210 @@
-//! The `tollgate` binary: parses the command line, picks a mode, starts it.
+//! The `tollgate` binary: parses the command line, picks a mode, starts it. Nothing else.
 #![forbid(unsafe_code)]
 
-use anyhow::Result;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
-fn main() -> Result<()> {
-    print!("{}", tollgate::api::crds_yaml()?);
-    Ok(())
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use tollgate::app::{self, ServeOptions};
+use tollgate::proxy::upstream::UpstreamOptions;
+use tollgate::proxy::ProxyOptions;
+use tollgate::telemetry::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "API gateway and ingress controller for AI-agent services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The gateway fed from YAML files (AgentRoute, AgentApiKey, Secret); reloads on change.
+    Standalone {
+        /// A YAML file or a directory of them.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Validates files as `standalone` would; lists every problem; exits 1 on any.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only routes of this class are checked as served.
+        #[arg(long, default_value = "tollgate")]
+        gateway_class: String,
+    },
+    /// Prints the CustomResourceDefinitions (`crds/` holds this output).
+    Crdgen,
+}
+
+/// Flags shared by the serving modes.
+#[derive(Args, Clone)]
+struct Common {
+    /// Plain HTTP listener (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "TOLLGATE_LISTEN")]
+    listen: SocketAddr,
+    /// TLS listener; certificates come from the routes' `tls.secretName`.
+    #[arg(long, env = "TOLLGATE_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// Admin listener: /metrics, /healthz, /readyz, /debug/routes.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "TOLLGATE_ADMIN_LISTEN")]
+    admin_listen: SocketAddr,
+    /// Serve only routes of this gatewayClass.
+    #[arg(long, default_value = "tollgate", env = "TOLLGATE_GATEWAY_CLASS")]
+    gateway_class: String,
+    /// Requests per minute of keys that name no limit.
+    #[arg(long, default_value_t = 60, env = "TOLLGATE_DEFAULT_RPM")]
+    default_rpm: u32,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "TOLLGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Worker threads of the runtime (default: one per core).
+    #[arg(long, env = "TOLLGATE_WORKERS")]
+    workers: Option<usize>,
+    /// How long in-flight requests and streams may finish after SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = parse_dur)]
+    shutdown_grace: Duration,
+    /// Largest request body (413 above), in bytes.
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: u64,
+    /// Bodies up to this size are kept for replay on retry, in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    replay_limit_bytes: u64,
+    /// How often open streams re-check their API key.
+    #[arg(long, default_value = "30s", value_parser = parse_dur)]
+    revalidate_interval: Duration,
+    /// Time a client has to send its request headers.
+    #[arg(long, default_value = "10s", value_parser = parse_dur)]
+    header_read_timeout: Duration,
+    /// Keep an incoming X-Forwarded-For (when behind a trusted load balancer).
+    #[arg(long)]
+    trust_forwarded: bool,
+    /// PEM file of extra CAs for https backends.
+    #[arg(long)]
+    upstream_ca_file: Option<PathBuf>,
+    /// Add per-client labels to a request counter (watch the cardinality).
+    #[arg(long)]
+    metrics_per_client: bool,
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    tollgate::api::parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl Common {
+    fn serve_options(&self) -> Result<ServeOptions> {
+        let ca_bundle = match &self.upstream_ca_file {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        Ok(ServeOptions {
+            listen: self.listen,
+            tls_listen: self.tls_listen,
+            admin_listen: self.admin_listen,
+            gateway_class: self.gateway_class.clone(),
+            default_rpm: self.default_rpm,
+            shutdown_grace: self.shutdown_grace,
+            proxy: ProxyOptions {
+                max_body_bytes: self.max_body_bytes,
+                replay_limit_bytes: self.replay_limit_bytes,
+                revalidate_interval: self.revalidate_interval,
+                header_read_timeout: self.header_read_timeout,
+                trust_forwarded: self.trust_forwarded,
+                ..ProxyOptions::default()
+            },
+            upstream: UpstreamOptions {
+                ca_bundle,
+                ..UpstreamOptions::default()
+            },
+            metrics_per_client: self.metrics_per_client,
+        })
+    }
+
+    fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = self.workers {
+            b.worker_threads(n.max(1));
+        }
+        b.enable_all().build().context("starting the async runtime")
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crdgen => {
+            print!("{}", tollgate::api::crds_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            config,
+            gateway_class,
+        } => {
+            let problems = tollgate::sources::check(&config, &gateway_class);
+            if problems.is_empty() {
+                println!("{}: ok", config.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                println!("{} problem(s)", problems.len());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Standalone { config, common } => {
+            logging::init(common.log_format);
+            let opts = common.serve_options()?;
+            common.runtime()?.block_on(async move {
+                let running = app::start_standalone(config, &opts).await?;
+                shutdown_signal().await;
+                tracing::info!("shutting down: draining in-flight requests");
+                running.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+    }
 }

@@ -18,9 +18,17 @@ use super::status::Condition;
     category = "tollgate",
     printcolumn(name = "Client", type_ = "string", json_path = ".spec.clientId"),
     printcolumn(name = "Roles", type_ = "string", json_path = ".spec.roles"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.secretRef) != has(self.keyHash)").message("set exactly one of secretRef and keyHash"))]

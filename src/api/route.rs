@@ -16,10 +16,26 @@ use super::status::Condition;
     status = "AgentRouteStatus",
     shortname = "ar",
     category = "tollgate",
-    printcolumn(name = "Prefix", type_ = "string", json_path = ".spec.match.pathPrefix"),
-    printcolumn(name = "Backends", type_ = "string", json_path = ".spec.backends[*].service"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Prefix",
+        type_ = "string",
+        json_path = ".spec.match.pathPrefix"
+    ),
+    printcolumn(
+        name = "Backends",
+        type_ = "string",
+        json_path = ".spec.backends[*].service"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRouteSpec {

@@ -1,0 +1,120 @@
+//! The configuration core: the `Store` of latest objects, the pure `compile()` to a `Snapshot`,
+//! and the route table. Never sees `kube::Client`, files or sockets: sources feed it, the proxy reads it.
+
+pub mod compile;
+pub mod path;
+pub mod route;
+pub mod table;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use serde::Serialize;
+
+use crate::api::{AgentApiKey, AgentRoute, Condition};
+use crate::auth::keys::KeyStore;
+
+pub use compile::{compile, CompileOptions};
+pub use route::CompiledRoute;
+pub use table::{Match, RouteTable};
+
+/// `namespace/name` of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything the sources gathered: the latest version of each object. Sources only fill it.
+#[derive(Clone, Debug, Default)]
+pub struct Store {
+    pub routes: Vec<AgentRoute>,
+    pub keys: Vec<AgentApiKey>,
+    pub secrets: BTreeMap<ObjectKey, Secret>,
+    /// Known Services (Kubernetes mode). `None`: not checked (standalone resolves by DNS).
+    pub services: Option<BTreeSet<ObjectKey>>,
+    /// Where each object came from (file path), for messages.
+    pub origins: BTreeMap<(String, ObjectKey), String>,
+}
+
+/// A problem with one object, found by compile or by a source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// `AgentRoute`, `AgentApiKey`, `Secret` or `File`.
+    pub kind: String,
+    pub object: ObjectKey,
+    /// The field at fault, as a JSON path (`spec.backends[1].url`), or empty.
+    pub field: String,
+    /// A CamelCase reason, as in a status condition.
+    pub reason: String,
+    pub message: String,
+    /// The file it came from (standalone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(o) = &self.origin {
+            write!(f, "{o}: ")?;
+        }
+        write!(f, "{} {}", self.kind, self.object)?;
+        if !self.field.is_empty() {
+            write!(f, " field {}", self.field)?;
+        }
+        write!(f, ": {} ({})", self.message, self.reason)
+    }
+}
+
+/// The compiled view of one object, for status and `/debug`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReport {
+    pub kind: &'static str,
+    pub object: ObjectKey,
+    pub generation: Option<i64>,
+    pub conditions: Vec<Condition>,
+    /// Key fingerprint (AgentApiKey only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// Backend services of a route (for ready endpoint counts in status).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<String>,
+}
+
+/// An immutable compiled configuration. Requests hold the one they started with.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every swap.
+    pub generation: u64,
+    pub routes: RouteTable,
+    pub keys: KeyStore,
+    pub certs: tls::CertStore,
+    pub problems: Vec<Problem>,
+    pub reports: Vec<ObjectReport>,
+}
+
+impl Snapshot {
+    pub fn empty() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+}

@@ -1,0 +1,114 @@
+//! The data plane: listeners, the per-request pipeline, the upstream client, retries and streams.
+//! Reads the current `Snapshot` through arc-swap; never compiles or mutates configuration.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod pipeline;
+pub mod server;
+pub mod upstream;
+pub mod websocket;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Snapshot;
+use crate::telemetry::Metrics;
+
+pub use body::ProxyBody;
+pub use error::ProxyError;
+
+/// Data-plane settings from the command line.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: u64,
+    /// Bodies up to this size are kept so a retry can replay them.
+    pub replay_limit_bytes: u64,
+    /// Largest body read to match `bodyField` routes or estimate tokens.
+    pub max_inspect_bytes: u64,
+    /// How often open streams re-check that their key is still valid.
+    pub revalidate_interval: Duration,
+    /// Time allowed for a client to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Trust an incoming `X-Forwarded-For` (behind another proxy) instead of replacing it.
+    pub trust_forwarded: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 * 1024 * 1024,
+            replay_limit_bytes: 64 * 1024,
+            max_inspect_bytes: 1024 * 1024,
+            revalidate_interval: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            trust_forwarded: false,
+        }
+    }
+}
+
+/// Everything the data plane shares across requests.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    /// True once the first snapshot is in and every source has synced.
+    ready: AtomicBool,
+    shutting_down: AtomicBool,
+    swaps: AtomicU64,
+    pub metrics: Metrics,
+    pub options: ProxyOptions,
+    pub upstream: upstream::Upstream,
+}
+
+impl Gateway {
+    pub fn new(metrics: Metrics, options: ProxyOptions, upstream: upstream::Upstream) -> Arc<Self> {
+        Arc::new(Self {
+            snapshot: ArcSwap::new(Snapshot::empty()),
+            ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            swaps: AtomicU64::new(0),
+            metrics,
+            options,
+            upstream,
+        })
+    }
+
+    /// The snapshot new requests will use.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new snapshot; requests in flight keep theirs. Marks the gateway ready.
+    pub fn swap(&self, snap: Snapshot) {
+        self.metrics.routes.set(snap.routes.len() as i64);
+        self.metrics.api_keys.set(snap.keys.len() as i64);
+        self.snapshot.store(Arc::new(snap));
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Number of swaps so far.
+    pub fn swaps(&self) -> u64 {
+        self.swaps.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Holds readiness false even after a swap (a source not synced yet).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,741 @@
+//! The per-request pipeline, in api.md's order: match (404/405) → CORS preflight → authenticate
+//! (401) → authorise (403) → request limits → token limits → upstream (timeouts, retries, streams).
+//! Every phase reads only the snapshot the request started with.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::headers::{self, X_API_KEY, X_CLIENT_ID, X_REQUEST_ID};
+use super::Gateway;
+use crate::api::Protocol;
+use crate::auth::keys::KeyEntry;
+use crate::config::route::{BackendTarget, CompiledBackend, CompiledRoute};
+use crate::config::table::BodyFields;
+use crate::config::{path, Match, Snapshot};
+
+/// Facts about the client connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the access log and metrics need once a request is answered.
+struct Outcome {
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+    client: Option<Arc<str>>,
+}
+
+/// Serves one request end to end. Never fails: errors become JSON answers.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snap = gw.snapshot();
+    let request_id = headers::request_id(req.headers());
+    let method = req.method().clone();
+    let mut outcome = Outcome {
+        route: None,
+        upstream: None,
+        client: None,
+    };
+    let mut resp = match serve(&gw, &snap, req, conn, &request_id, &mut outcome).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e, &request_id),
+    };
+    resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+
+    let status = resp.status();
+    let route_label = outcome.route.as_deref().unwrap_or("");
+    let m = &gw.metrics;
+    m.requests_total
+        .with_label_values(&[route_label, method.as_str(), status.as_str()])
+        .inc();
+    if !route_label.is_empty() {
+        m.request_duration
+            .with_label_values(&[route_label])
+            .observe(start.elapsed().as_secs_f64());
+    }
+    if let (Some(c), Some(client)) = (&m.client_requests_total, &outcome.client) {
+        c.with_label_values(&[client, route_label, status.as_str()])
+            .inc();
+    }
+    tracing::info!(
+        target: "tollgate::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        method = method.as_str(),
+        route = route_label,
+        status = status.as_u16(),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        upstream = outcome.upstream.as_deref().unwrap_or(""),
+        client_id = outcome.client.as_deref().unwrap_or(""),
+        remote = %conn.remote.ip(),
+    );
+    resp
+}
+
+/// A JSON error answer.
+pub fn error_response(e: &ProxyError, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(e.body(request_id.to_str().unwrap_or(""))));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let ProxyError::MethodNotAllowed(allow) = e {
+        h.insert(header::ALLOW, allow.clone());
+    }
+    if matches!(
+        e,
+        ProxyError::MissingKey | ProxyError::InvalidKey | ProxyError::ExpiredKey
+    ) {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tollgate\""),
+        );
+    }
+    resp
+}
+
+fn host_of(parts: &http::request::Parts) -> Cow<'_, str> {
+    let raw = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    // Strip userinfo (absolute-form), a port (not inside an IPv6 literal), a trailing dot.
+    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Where the presented key came from (the carrier is removed before forwarding).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyCarrier {
+    Header,
+    Bearer,
+    Query,
+}
+
+fn extract_key(
+    parts: &http::request::Parts,
+    websocket: bool,
+) -> Option<(Cow<'_, [u8]>, KeyCarrier)> {
+    if let Some(v) = parts.headers.get(&X_API_KEY) {
+        return Some((Cow::Borrowed(v.as_bytes().trim_ascii()), KeyCarrier::Header));
+    }
+    if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
+        let b = v.as_bytes();
+        if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ") {
+            return Some((Cow::Borrowed(b[7..].trim_ascii()), KeyCarrier::Bearer));
+        }
+    }
+    if websocket {
+        let q = parts.uri.query()?;
+        for pair in q.split('&') {
+            if let Some(v) = pair.strip_prefix("api_key=") {
+                return Some((Cow::Owned(percent_decode(v)), KeyCarrier::Query));
+            }
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 && i + 3 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    out
+}
+
+/// Drops `api_key=...` from a query string (it must never reach a backend).
+fn strip_api_key_param(q: &str) -> String {
+    q.split('&')
+        .filter(|p| !p.starts_with("api_key=") && !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn check_content_length(h: &http::HeaderMap, max: u64) -> Result<(), ProxyError> {
+    match content_length(h) {
+        Some(n) if n > max => Err(ProxyError::PayloadTooLarge),
+        _ => Ok(()),
+    }
+}
+
+async fn read_body_capped(body: ProxyBody, cap: u64) -> Result<Bytes, ProxyError> {
+    match body.with_limit(cap).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(super::body::BodyError::TooLarge) => Err(ProxyError::PayloadTooLarge),
+        Err(_) => Err(ProxyError::BadRequest),
+    }
+}
+
+fn body_fields(bytes: &[u8]) -> BodyFields {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => BodyFields::new(),
+    }
+}
+
+/// The authenticated caller.
+pub struct Caller {
+    pub key: Arc<KeyEntry>,
+    pub digest: crate::auth::keys::KeyDigest,
+}
+
+fn authenticate(
+    gw: &Gateway,
+    snap: &Snapshot,
+    route: &CompiledRoute,
+    parts: &http::request::Parts,
+    websocket: bool,
+) -> Result<(Option<Caller>, Option<KeyCarrier>), ProxyError> {
+    let presented = extract_key(parts, websocket);
+    let Some((plain, carrier)) = presented else {
+        if route.auth.required {
+            gw.metrics
+                .auth_failures_total
+                .with_label_values(&["missing_key"])
+                .inc();
+            return Err(ProxyError::MissingKey);
+        }
+        return Ok((None, None));
+    };
+    let digest = crate::auth::keys::digest(&plain);
+    let fail = |e: ProxyError| {
+        gw.metrics
+            .auth_failures_total
+            .with_label_values(&[e.code()])
+            .inc();
+        Err(e)
+    };
+    let Some(key) = snap.keys.get(&digest) else {
+        if route.auth.required {
+            return fail(ProxyError::InvalidKey);
+        }
+        return Ok((None, Some(carrier)));
+    };
+    if key.expired_at(jiff::Timestamp::now().as_second()) {
+        return fail(ProxyError::ExpiredKey);
+    }
+    if route.auth.required {
+        if !route
+            .auth
+            .admits_namespace(&route.namespace, &key.namespace)
+        {
+            return fail(ProxyError::NamespaceForbidden);
+        }
+        if !key.has_any_role(&route.auth.roles) {
+            return fail(ProxyError::Forbidden);
+        }
+    }
+    Ok((
+        Some(Caller {
+            key: key.clone(),
+            digest,
+        }),
+        Some(carrier),
+    ))
+}
+
+fn preflight_response(
+    cors: &crate::config::route::CompiledCors,
+    origin: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    if let Some(origin) = origin.filter(|o| o.to_str().is_ok_and(|o| cors.allows_origin(o))) {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            if cors.any_origin {
+                HeaderValue::from_static("*")
+            } else {
+                origin.clone()
+            },
+        );
+        if let Some(v) = &cors.allow_methods {
+            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
+        }
+        if let Some(v) = &cors.allow_headers {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+        }
+        if let Some(v) = &cors.max_age {
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, v.clone());
+        }
+        if cors.allow_credentials {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+    }
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    resp
+}
+
+fn cors_response_headers(
+    cors: &crate::config::route::CompiledCors,
+    origin: Option<&HeaderValue>,
+    h: &mut http::HeaderMap,
+) {
+    let Some(origin) = origin.filter(|o| o.to_str().is_ok_and(|o| cors.allows_origin(o))) else {
+        return;
+    };
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        if cors.any_origin {
+            HeaderValue::from_static("*")
+        } else {
+            origin.clone()
+        },
+    );
+    if let Some(v) = &cors.expose_headers {
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+    }
+    if cors.allow_credentials {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+async fn serve(
+    gw: &Arc<Gateway>,
+    snap: &Arc<Snapshot>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+    outcome: &mut Outcome,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let started = tokio::time::Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let mut body = ProxyBody::incoming(body);
+    let path = path::normalize(parts.uri.path()).map_err(|_| ProxyError::BadRequest)?;
+    let host = host_of(&parts).into_owned();
+
+    // CORS preflight matches as the method it announces.
+    let preflight = parts.method == Method::OPTIONS
+        && parts.headers.contains_key(header::ORIGIN)
+        && parts
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let match_method = if preflight {
+        parts
+            .headers
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(Method::OPTIONS)
+    } else {
+        parts.method.clone()
+    };
+
+    // 1. Match. A bodyField route needs the (capped) body first.
+    let mut buffered: Option<Bytes> = None;
+    let found = snap
+        .routes
+        .find(&host, &path, &match_method, &parts.headers, None);
+    let route: Arc<CompiledRoute> = match found {
+        Match::Route(r) => r.clone(),
+        Match::MethodNotAllowed(allow) => return Err(ProxyError::MethodNotAllowed(allow)),
+        Match::NotFound => return Err(ProxyError::NoRoute),
+        Match::NeedBody => {
+            check_content_length(&parts.headers, gw.options.max_body_bytes)?;
+            let bytes = read_body_capped(body, gw.options.max_inspect_bytes).await?;
+            body = ProxyBody::full(bytes.clone());
+            let fields = body_fields(&bytes);
+            buffered = Some(bytes);
+            match snap
+                .routes
+                .find(&host, &path, &match_method, &parts.headers, Some(&fields))
+            {
+                Match::Route(r) => r.clone(),
+                Match::MethodNotAllowed(allow) => return Err(ProxyError::MethodNotAllowed(allow)),
+                Match::NotFound | Match::NeedBody => return Err(ProxyError::NoRoute),
+            }
+        }
+    };
+    outcome.route = Some(route.id.clone());
+
+    // 2. CORS preflight: answered here, never forwarded.
+    let origin = parts.headers.get(header::ORIGIN).cloned();
+    if preflight {
+        if let Some(cors) = &route.cors {
+            return Ok(preflight_response(cors, origin.as_ref()));
+        }
+    }
+
+    // 3-4. Authenticate and authorise.
+    let websocket = route.protocol == Protocol::Websocket;
+    let is_upgrade = headers::is_websocket_upgrade(&parts.headers);
+    let (caller, carrier) = authenticate(gw, snap, &route, &parts, websocket && is_upgrade)?;
+    outcome.client = caller.as_ref().map(|c| c.key.client_id.clone());
+
+    // 5. Body size.
+    check_content_length(&parts.headers, gw.options.max_body_bytes)?;
+
+    // Request headers toward the upstream.
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h, websocket && is_upgrade);
+    match carrier {
+        Some(KeyCarrier::Header) => {
+            h.remove(&X_API_KEY);
+        }
+        Some(KeyCarrier::Bearer) => {
+            h.remove(header::AUTHORIZATION);
+        }
+        _ => {}
+    }
+    h.remove(&X_API_KEY);
+    h.remove(&X_CLIENT_ID);
+    if let Some(c) = &caller {
+        if let Ok(v) = HeaderValue::from_str(&c.key.client_id) {
+            h.insert(&X_CLIENT_ID, v);
+        }
+    }
+    h.insert(&X_REQUEST_ID, request_id.clone());
+    let tp = headers::traceparent(h);
+    h.insert(&headers::TRACEPARENT, tp);
+    headers::forwarded_for(h, conn.remote.ip(), gw.options.trust_forwarded);
+    h.insert(
+        &headers::X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        if !host.is_empty() {
+            h.insert(&headers::X_FORWARDED_HOST, v);
+        }
+    }
+
+    // The forwarded path and query.
+    let fwd_path = route.rewrite_path(&path);
+    let query = match parts.uri.query() {
+        Some(q) if carrier == Some(KeyCarrier::Query) => {
+            let q = strip_api_key_param(q);
+            (!q.is_empty()).then_some(q)
+        }
+        Some(q) => Some(q.to_string()),
+        None => None,
+    };
+
+    if websocket {
+        if !is_upgrade {
+            return Err(ProxyError::UpgradeRequired);
+        }
+        let (backend, authority) = pick_target(&route, &parts.headers);
+        outcome.upstream = Some(backend.id.clone());
+        let uri = upstream_uri(backend, &authority, &fwd_path, query.as_deref())?;
+        return super::websocket::proxy(
+            gw, &route, parts, uri, &authority, backend, caller, started,
+        )
+        .await;
+    }
+
+    // Keep small bodies so a retry can replay them.
+    let max_attempts = route.retry.attempts.max(1);
+    let mut replay: Option<Bytes> = buffered;
+    if replay.is_none() {
+        if body.is_end_stream() {
+            replay = Some(Bytes::new());
+        } else if max_attempts > 1 {
+            if let Some(n) = content_length(&parts.headers) {
+                if n <= gw.options.replay_limit_bytes {
+                    replay = Some(read_body_capped(body, n).await?);
+                    body = ProxyBody::empty();
+                }
+            }
+        }
+    }
+    let attempts = if replay.is_some() { max_attempts } else { 1 };
+    let mut streaming_body = Some(body.with_limit(gw.options.max_body_bytes));
+
+    let deadline = route.timeouts.request.map(|d| started + d);
+    let mut last_err = ProxyError::UpstreamFailed;
+    for attempt in 1..=attempts {
+        if attempt > 1 && !route.retry.backoff.is_zero() {
+            tokio::time::sleep(route.retry.backoff).await;
+        }
+        let body = match &replay {
+            Some(b) => ProxyBody::full(b.clone()),
+            None => streaming_body.take().unwrap_or_else(ProxyBody::empty),
+        };
+        let (backend, authority) = pick_target(&route, &parts.headers);
+        outcome.upstream = Some(backend.id.clone());
+        let uri = upstream_uri(backend, &authority, &fwd_path, query.as_deref())?;
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = parts.headers.clone();
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            up.headers_mut().insert(header::HOST, v);
+        }
+        let in_flight = gw
+            .metrics
+            .upstream_in_flight
+            .with_label_values(&[&backend.id]);
+        in_flight.inc();
+        let guard = GaugeGuard(in_flight);
+
+        let wait = match (route.timeouts.first_byte, deadline) {
+            (Some(fb), Some(dl)) => Some((tokio::time::Instant::now() + fb).min(dl)),
+            (Some(fb), None) => Some(tokio::time::Instant::now() + fb),
+            (None, Some(dl)) => Some(dl),
+            (None, None) => None,
+        };
+        let sent = match wait {
+            Some(at) => match tokio::time::timeout_at(at, gw.upstream.send(up)).await {
+                Ok(r) => r,
+                Err(_) => Err(ProxyError::Timeout),
+            },
+            None => gw.upstream.send(up).await,
+        };
+        let outcome_label = |o: &str| {
+            gw.metrics
+                .upstream_requests_total
+                .with_label_values(&[&route.id, &backend.id, o])
+                .inc()
+        };
+        match sent {
+            Err(e) => {
+                outcome_label(match e {
+                    ProxyError::ConnectFailed => "connect_failure",
+                    ProxyError::Timeout => "timeout",
+                    _ => "error",
+                });
+                let retry = e == ProxyError::ConnectFailed && route.retry.on_connect_failure;
+                last_err = e;
+                if retry && attempt < attempts {
+                    continue;
+                }
+                return Err(last_err);
+            }
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                if route.retry.retries_status(status) && attempt < attempts {
+                    outcome_label("retried");
+                    continue;
+                }
+                outcome_label(if status >= 500 { "5xx" } else { "success" });
+                return Ok(finish_response(
+                    gw,
+                    &route,
+                    resp,
+                    parts.version,
+                    origin.as_ref(),
+                    deadline,
+                    guard,
+                    caller,
+                ));
+            }
+        }
+    }
+    Err(last_err)
+}
+
+/// Decrements a gauge when dropped (rides inside response bodies).
+pub struct GaugeGuard(pub prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_response(
+    gw: &Arc<Gateway>,
+    route: &CompiledRoute,
+    resp: Response<Incoming>,
+    version: Version,
+    origin: Option<&HeaderValue>,
+    deadline: Option<tokio::time::Instant>,
+    guard: GaugeGuard,
+    caller: Option<Caller>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(cors) = &route.cors {
+        cors_response_headers(cors, origin, &mut parts.headers);
+    }
+    parts.version = version;
+    let is_stream = route.protocol == Protocol::Sse
+        || parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut body = ProxyBody::incoming(body)
+        .with_idle_timeout(route.timeouts.idle)
+        .with_deadline(deadline)
+        .with_guard(Box::new(guard));
+    if is_stream {
+        let g = gw.metrics.streams_active.with_label_values(&["sse"]);
+        g.inc();
+        body = body.with_guard(Box::new(GaugeGuard(g)));
+        if let Some(c) = caller {
+            body = body.with_revocation(Some(revocation(gw.clone(), c.digest)));
+        }
+        // Tell intermediaries not to buffer the stream.
+        parts
+            .headers
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Completes when the key behind a stream is deleted, disabled or expired, checked every
+/// `revalidate_interval` against the current snapshot.
+pub fn revocation(
+    gw: Arc<Gateway>,
+    digest: crate::auth::keys::KeyDigest,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let every = gw.options.revalidate_interval;
+        loop {
+            tokio::time::sleep(every).await;
+            let snap = gw.snapshot();
+            let valid = snap
+                .keys
+                .get(&digest)
+                .is_some_and(|k| !k.expired_at(jiff::Timestamp::now().as_second()));
+            if !valid {
+                tracing::info!("closing a stream whose API key is no longer valid");
+                return;
+            }
+        }
+    })
+}
+
+/// Picks a backend by weight (honouring the canary header) and names its authority.
+fn pick_target<'a>(
+    route: &'a CompiledRoute,
+    headers: &http::HeaderMap,
+) -> (&'a CompiledBackend, String) {
+    let canary = route
+        .canary_header
+        .as_ref()
+        .and_then(|n| headers.get(n))
+        .map(|v| v.as_bytes());
+    let eligible = |b: &&CompiledBackend| match canary {
+        Some(b"always") => b.canary,
+        Some(b"never") => !b.canary,
+        _ => true,
+    };
+    let mut pool: Vec<&CompiledBackend> = route.backends.iter().filter(eligible).collect();
+    if pool.is_empty() {
+        pool = route.backends.iter().collect();
+    }
+    let total: u64 = pool.iter().map(|b| u64::from(b.weight)).sum();
+    let chosen = if total == 0 || pool.len() == 1 {
+        pool[0]
+    } else {
+        let mut x = rand::random_range(0..total);
+        let mut pick = pool[0];
+        for b in &pool {
+            if x < u64::from(b.weight) {
+                pick = b;
+                break;
+            }
+            x -= u64::from(b.weight);
+        }
+        pick
+    };
+    (chosen, authority_of(&chosen.target, "cluster.local"))
+}
+
+fn authority_of(t: &BackendTarget, cluster_domain: &str) -> String {
+    match t {
+        BackendTarget::Service {
+            namespace,
+            name,
+            port,
+        } => format!("{name}.{namespace}.svc.{cluster_domain}:{port}"),
+        BackendTarget::Url { host, port, .. } => {
+            if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
+        }
+    }
+}
+
+fn upstream_uri(
+    backend: &CompiledBackend,
+    authority: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, ProxyError> {
+    let (scheme, base) = match &backend.target {
+        BackendTarget::Url {
+            https, base_path, ..
+        } => (if *https { "https" } else { "http" }, &**base_path),
+        BackendTarget::Service { .. } => ("http", ""),
+    };
+    let mut s = String::with_capacity(
+        scheme.len()
+            + 3
+            + authority.len()
+            + base.len()
+            + path.len()
+            + query.map_or(0, |q| q.len() + 1),
+    );
+    s.push_str(scheme);
+    s.push_str("://");
+    s.push_str(authority);
+    s.push_str(base);
+    s.push_str(path);
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(q);
+    }
+    Uri::try_from(s).map_err(|_| ProxyError::BadRequest)
+}

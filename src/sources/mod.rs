@@ -1,0 +1,25 @@
+//! Sources gather objects into a `config::Store`: files (standalone) and Kubernetes watchers.
+//! They know nothing of routing; compile does.
+
+pub mod files;
+
+use std::path::Path;
+
+use crate::config::{compile, CompileOptions, Problem};
+
+/// Everything `tollgate check` reports for a file or directory: parse errors and the problems
+/// compile finds, each with its file and field.
+pub fn check(path: &Path, gateway_class: &str) -> Vec<Problem> {
+    let mut source = files::FileSource::new(path);
+    let loaded = source.load();
+    let snap = compile(
+        &loaded.store,
+        &CompileOptions {
+            gateway_class: gateway_class.to_string(),
+            ..CompileOptions::default()
+        },
+    );
+    let mut problems = loaded.problems;
+    problems.extend(snap.problems);
+    problems
+}

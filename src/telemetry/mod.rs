@@ -1,0 +1,8 @@
+//! Metrics, logging and the admin server (`/metrics`, `/healthz`, `/readyz`, `/debug/routes`).
+//! Reads snapshots; never changes configuration.
+
+pub mod admin;
+pub mod logging;
+pub mod metrics;
+
+pub use metrics::Metrics;
