@@ -43,6 +43,14 @@ enum Command {
         #[arg(long, default_value = "tollgate")]
         gateway_class: String,
     },
+    /// Standalone plus built-in demo agent services and example keys; prints curl lines to try.
+    Demo {
+        /// Where the demo writes its configuration (default: a temporary directory).
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Prints the CustomResourceDefinitions (`crds/` holds this output).
     Crdgen,
 }
@@ -162,6 +170,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// `0.0.0.0:9090` is printed as `127.0.0.1:9090` so printed commands work as they are.
+fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
@@ -194,6 +215,46 @@ fn run() -> Result<ExitCode> {
                 println!("{} problem(s)", problems.len());
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Demo { config_dir, common } => {
+            logging::init(common.log_format);
+            let opts = common.serve_options()?;
+            common.runtime()?.block_on(async move {
+                let services = tollgate::demo::spawn_demo_services(Default::default())
+                    .await
+                    .context("starting the demo services")?;
+                let dir = match config_dir {
+                    Some(d) => d,
+                    None => {
+                        std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()))
+                    }
+                };
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let file = dir.join("demo.yaml");
+                std::fs::write(&file, tollgate::demo::demo_config_yaml(&services))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                let running = app::start_standalone(file.clone(), &opts).await?;
+                println!(
+                    "\nTollgate demo is running: gateway http://{}, admin http://{} (config: {})\n",
+                    running.listen,
+                    running.admin_listen,
+                    file.display()
+                );
+                println!("{}", tollgate::demo::demo_curl_lines(running.listen));
+                let admin = loopback_if_unspecified(running.admin_listen);
+                println!("# Prometheus metrics and the compiled routes on the admin port:");
+                println!("curl -s http://{admin}/metrics | grep ^tollgate_");
+                println!("curl -s http://{admin}/debug/routes\n");
+                println!(
+                    "Edit {} and watch the gateway reload it. Ctrl-C stops.",
+                    file.display()
+                );
+                shutdown_signal().await;
+                running.shutdown().await;
+                services.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
         }
         Command::Standalone { config, common } => {
             logging::init(common.log_format);

@@ -1,7 +1,5 @@
-//! Endpoint discovery: turns backend names into swapped [`EndpointSet`]s (DNS here). Owns the
-//! refresh tasks; never sees config snapshots or route types, and never picks endpoints.
-//!
-//! [`EndpointSet`]: crate::balance::EndpointSet
+//! Endpoint discovery: turns backend names into swapped `balance::EndpointSet`s (DNS here).
+//! Owns the refresh tasks; never sees kube, config or route types, and never picks endpoints.
 #![forbid(unsafe_code)]
 
 pub mod dns;
