@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{compile, CompileOptions};
+use crate::balance::endpoints::EndpointRegistry;
+use crate::config::{compile, CompileOptions, Problem, Snapshot};
+use crate::discovery::{DiscoveryMode, DnsConfig, DnsDiscovery, Resolver, SliceEndpoints};
 use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{Gateway, ProxyOptions};
 use crate::sources::files::FileSource;
@@ -28,6 +30,12 @@ pub struct ServeOptions {
     pub proxy: ProxyOptions,
     pub upstream: UpstreamOptions,
     pub metrics_per_client: bool,
+    /// Cluster DNS domain for Service names.
+    pub cluster_domain: String,
+    /// How Service backends are discovered (standalone always uses DNS).
+    pub discovery: DiscoveryMode,
+    /// DNS discovery settings (name servers, refresh bounds).
+    pub dns: DnsConfig,
 }
 
 impl ServeOptions {
@@ -44,6 +52,9 @@ impl ServeOptions {
             proxy: ProxyOptions::default(),
             upstream: UpstreamOptions::default(),
             metrics_per_client: false,
+            cluster_domain: "cluster.local".to_string(),
+            discovery: DiscoveryMode::Dns,
+            dns: DnsConfig::default(),
         }
     }
 
@@ -52,6 +63,7 @@ impl ServeOptions {
             gateway_class: self.gateway_class.clone(),
             default_rpm: self.default_rpm,
             generation,
+            cluster_domain: self.cluster_domain.clone(),
         }
     }
 }
@@ -74,6 +86,9 @@ pub enum AppError {
     /// TLS could not be configured.
     #[error("TLS configuration failed: {0}")]
     Tls(#[from] rustls::Error),
+    /// Endpoint discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
     /// The configuration path cannot be watched.
     #[error("cannot watch {path}: {source}")]
     Watch {
@@ -85,6 +100,10 @@ pub enum AppError {
 /// A running gateway: its addresses and the handle to stop it.
 pub struct Running {
     pub gateway: Arc<Gateway>,
+    /// Resolves backends to endpoint sets when a snapshot is attached.
+    pub resolver: Arc<Resolver>,
+    /// EndpointSlice-fed sets (Kubernetes mode writes them).
+    pub slices: Arc<SliceEndpoints>,
     pub listen: SocketAddr,
     pub tls_listen: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
@@ -138,6 +157,16 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     let upstream = Upstream::new(&opts.upstream)?;
     let gw = Gateway::new(metrics, opts.proxy.clone(), upstream);
     let (tx, rx) = watch::channel(false);
+    let registry = Arc::new(EndpointRegistry::new());
+    let slices = Arc::new(SliceEndpoints::new(registry.clone()));
+    let dns = DnsDiscovery::new(opts.dns.clone(), registry.clone())?;
+    let resolver = Arc::new(Resolver::new(
+        registry,
+        dns,
+        Some(slices.clone()),
+        opts.discovery,
+        opts.cluster_domain.clone(),
+    ));
 
     let listener = bind(opts.listen).await?;
     let listen = listener.local_addr().map_err(|source| AppError::Bind {
@@ -179,6 +208,8 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     tracing::info!(%listen, ?tls_listen, %admin_listen, "gateway listening");
     Ok(Running {
         gateway: gw,
+        resolver,
+        slices,
         listen,
         tls_listen,
         admin_listen,
@@ -189,8 +220,41 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     })
 }
 
+/// Gives every backend of the snapshot its live endpoint set (shared with the previous snapshot
+/// when the backend is unchanged, so balancer state and DNS watches carry over).
+pub fn attach_endpoints(snap: &mut Snapshot, resolver: &Resolver) {
+    let mut problems = Vec::new();
+    for route in snap.routes.routes() {
+        for b in &route.backends {
+            if snap.endpoints.contains_key(&b.id) {
+                continue;
+            }
+            match resolver.handle(&b.target) {
+                Ok(h) => {
+                    snap.endpoints.insert(b.id.clone(), h.set.clone());
+                    snap.keepalive.push(Box::new(h));
+                }
+                Err(e) => problems.push(Problem {
+                    kind: "AgentRoute".into(),
+                    object: crate::config::ObjectKey::new(&*route.namespace, &route.name),
+                    field: "spec.backends".into(),
+                    reason: "BackendNotResolvable".into(),
+                    message: e.to_string(),
+                    origin: None,
+                }),
+            }
+        }
+    }
+    snap.problems.extend(problems);
+}
+
 /// Loads the files, compiles, swaps; logs and counts the outcome.
-pub fn reload_files(gw: &Gateway, source: &Mutex<FileSource>, opts: &ServeOptions) {
+pub fn reload_files(
+    gw: &Gateway,
+    resolver: &Resolver,
+    source: &Mutex<FileSource>,
+    opts: &ServeOptions,
+) {
     let started = Instant::now();
     let loaded = match source.lock() {
         Ok(mut s) => s.load(),
@@ -201,6 +265,7 @@ pub fn reload_files(gw: &Gateway, source: &Mutex<FileSource>, opts: &ServeOption
     let mut problems = loaded.problems;
     problems.append(&mut snap.problems);
     snap.problems = problems;
+    attach_endpoints(&mut snap, resolver);
     for p in &snap.problems {
         tracing::warn!(problem = %p, "configuration problem");
     }
@@ -225,10 +290,11 @@ pub async fn start_standalone(config: PathBuf, opts: &ServeOptions) -> Result<Ru
     let mut running = start(opts).await?;
     let source = Arc::new(Mutex::new(FileSource::new(config.clone())));
     let gw = running.gateway.clone();
-    reload_files(&gw, &source, opts);
+    let resolver = running.resolver.clone();
+    reload_files(&gw, &resolver, &source, opts);
     let opts2 = opts.clone();
     let on_change: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        reload_files(&gw, &source, &opts2);
+        reload_files(&gw, &resolver, &source, &opts2);
     });
     // 50 ms: long enough to fold an editor's write+rename into one reload, short enough to keep
     // change-to-traffic well under the 250 ms target (P6).

@@ -5,8 +5,10 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod proxy;
 pub mod sources;
 pub mod telemetry;

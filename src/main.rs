@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use tollgate::app::{self, ServeOptions};
+use tollgate::discovery::{DiscoveryMode, DnsConfig};
 use tollgate::proxy::upstream::UpstreamOptions;
 use tollgate::proxy::ProxyOptions;
 use tollgate::telemetry::logging::{self, LogFormat};
@@ -103,6 +104,21 @@ struct Common {
     /// Add per-client labels to a request counter (watch the cardinality).
     #[arg(long)]
     metrics_per_client: bool,
+    /// Cluster DNS domain of Service names.
+    #[arg(long, default_value = "cluster.local", env = "TOLLGATE_CLUSTER_DOMAIN")]
+    cluster_domain: String,
+    /// How Service backends are found: pod endpoints from EndpointSlices, or DNS
+    /// (standalone always uses DNS).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "endpointslices",
+        env = "TOLLGATE_DISCOVERY"
+    )]
+    discovery: DiscoveryMode,
+    /// DNS servers for backend discovery (repeatable; default: /etc/resolv.conf).
+    #[arg(long = "dns-server")]
+    dns_servers: Vec<SocketAddr>,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -135,6 +151,12 @@ impl Common {
                 ..UpstreamOptions::default()
             },
             metrics_per_client: self.metrics_per_client,
+            cluster_domain: self.cluster_domain.clone(),
+            discovery: self.discovery,
+            dns: DnsConfig {
+                nameservers: self.dns_servers.clone(),
+                ..DnsConfig::default()
+            },
         })
     }
 
@@ -218,7 +240,8 @@ fn run() -> Result<ExitCode> {
         }
         Command::Demo { config_dir, common } => {
             logging::init(common.log_format);
-            let opts = common.serve_options()?;
+            let mut opts = common.serve_options()?;
+            opts.discovery = DiscoveryMode::Dns;
             common.runtime()?.block_on(async move {
                 let services = tollgate::demo::spawn_demo_services(Default::default())
                     .await
@@ -258,7 +281,8 @@ fn run() -> Result<ExitCode> {
         }
         Command::Standalone { config, common } => {
             logging::init(common.log_format);
-            let opts = common.serve_options()?;
+            let mut opts = common.serve_options()?;
+            opts.discovery = DiscoveryMode::Dns;
             common.runtime()?.block_on(async move {
                 let running = app::start_standalone(config, &opts).await?;
                 shutdown_signal().await;

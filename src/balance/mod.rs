@@ -1,6 +1,5 @@
 //! Balancing: the weighted backend pick (canary, sticky) and the endpoint pick (least
 //! connections, passive health), lock-free per request. Never sees kube or config types.
-#![forbid(unsafe_code)]
 
 pub mod endpoints;
 pub mod health;

@@ -26,6 +26,8 @@ pub struct CompileOptions {
     pub default_rpm: u32,
     /// The snapshot's generation number.
     pub generation: u64,
+    /// Cluster DNS domain, for the `Host` of Service backends.
+    pub cluster_domain: String,
 }
 
 impl Default for CompileOptions {
@@ -34,6 +36,7 @@ impl Default for CompileOptions {
             gateway_class: DEFAULT_GATEWAY_CLASS.to_string(),
             default_rpm: 60,
             generation: 1,
+            cluster_domain: "cluster.local".to_string(),
         }
     }
 }
@@ -108,7 +111,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         let key = object_key(route);
         let generation = route.metadata.generation;
         let before = problems.list.len();
-        let compiled = compile_route(route, &key, &mut problems);
+        let compiled = compile_route(route, &key, opts, &mut problems);
         let compiled = match compiled {
             Some(c) if problems.list.len() == before => c,
             _ => {
@@ -255,6 +258,8 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         certs,
         problems: problems.list,
         reports,
+        endpoints: HashMap::new(),
+        keepalive: Vec::new(),
     }
 }
 
@@ -348,6 +353,7 @@ fn duration_field(
 fn compile_route(
     route: &AgentRoute,
     key: &ObjectKey,
+    opts: &CompileOptions,
     problems: &mut Problems<'_>,
 ) -> Option<CompiledRoute> {
     let spec = &route.spec;
@@ -552,7 +558,26 @@ fn compile_route(
             }
         };
         if let Some(target) = target {
+            let authority = match &target {
+                BackendTarget::Service {
+                    namespace,
+                    name,
+                    port,
+                } => format!(
+                    "{name}.{namespace}.svc.{}:{port}",
+                    opts.cluster_domain.trim_end_matches('.')
+                ),
+                BackendTarget::Url { host, port, .. } if host.contains(':') => {
+                    format!("[{host}]:{port}")
+                }
+                BackendTarget::Url { host, port, .. } => format!("{host}:{port}"),
+            };
+            let Ok(authority) = HeaderValue::from_str(&authority) else {
+                problems.push("AgentRoute", key, &field, "Invalid", "invalid host".into());
+                continue;
+            };
             backends.push(CompiledBackend {
+                authority,
                 id: Arc::from(target.label().as_str()),
                 target,
                 weight: b.weight.unwrap_or(1),
@@ -630,12 +655,23 @@ fn compile_route(
         auth,
         rate_limit,
         rewrite,
-        backends,
         cors,
         tls_secret: spec.tls.as_ref().map(|t| t.secret_name.clone()),
         canary_header,
         sticky: spec.sticky.unwrap_or(Sticky::None),
         load_balancer: spec.load_balancer.unwrap_or_default(),
+        weighted: crate::balance::weighted::WeightedBackends::with_identities(
+            backends
+                .iter()
+                .enumerate()
+                .map(|(index, b)| crate::balance::weighted::BackendWeight {
+                    index,
+                    weight: b.weight,
+                    canary: b.canary,
+                    identity: b.id.to_string(),
+                }),
+        ),
+        backends,
         conditions,
     })
 }

@@ -9,13 +9,16 @@ pub mod tls;
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use k8s_openapi::api::core::v1::Secret;
 use serde::Serialize;
 
 use crate::api::{AgentApiKey, AgentRoute, Condition};
 use crate::auth::keys::KeyStore;
+use crate::balance::endpoints::EndpointSet;
 
 pub use compile::{compile, CompileOptions};
 pub use route::CompiledRoute;
@@ -102,7 +105,7 @@ pub struct ObjectReport {
 }
 
 /// An immutable compiled configuration. Requests hold the one they started with.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Snapshot {
     /// Increases with every swap.
     pub generation: u64,
@@ -111,6 +114,21 @@ pub struct Snapshot {
     pub certs: tls::CertStore,
     pub problems: Vec<Problem>,
     pub reports: Vec<ObjectReport>,
+    /// Live endpoint sets by backend id, attached after compile (discovery swaps them inside).
+    pub endpoints: HashMap<Arc<str>, Arc<ArcSwap<EndpointSet>>>,
+    /// Keeps the discovery watches behind `endpoints` running while this snapshot lives.
+    pub keepalive: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("generation", &self.generation)
+            .field("routes", &self.routes.len())
+            .field("keys", &self.keys.len())
+            .field("problems", &self.problems)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Snapshot {

@@ -50,6 +50,9 @@ impl BackendTarget {
 pub struct CompiledBackend {
     /// Stable id (the target's label); the key of endpoint sets and metrics.
     pub id: Arc<str>,
+    /// The `Host` sent upstream: `svc.ns.svc.<cluster-domain>:port` or the url's `host:port`.
+    #[serde(skip)]
+    pub authority: HeaderValue,
     pub target: BackendTarget,
     pub weight: u32,
     pub canary: bool,
@@ -223,6 +226,9 @@ pub struct CompiledRoute {
     pub canary_header: Option<HeaderName>,
     pub sticky: Sticky,
     pub load_balancer: LoadBalancer,
+    /// The weighted (canary, sticky) pick over `backends`.
+    #[serde(skip)]
+    pub weighted: crate::balance::weighted::WeightedBackends,
     /// Number of header and body conditions (tie-breaker: more specific wins).
     pub conditions: u32,
 }

