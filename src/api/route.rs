@@ -44,7 +44,8 @@ pub struct AgentRouteSpec {
     pub gateway_class: Option<String>,
     /// Exact host names or `*.example.com`; empty means every host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    // maxItems/maxLength bound the CEL rule's estimated cost (the API server refuses unbounded rules).
+    #[schemars(length(max = 64), inner(length(max = 253)))]
     #[x_kube(validation = Rule::new("self.all(h, h.matches('^(\\\\*\\\\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))").message("hosts must be lower-case DNS names, optionally starting with '*.'"))]
     pub hosts: Vec<String>,
     /// What a request must look like to take this route.
@@ -91,6 +92,7 @@ pub struct RouteMatch {
     pub path_prefix: String,
     /// Empty means every method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 32)))]
     #[x_kube(validation = Rule::new("self.all(m, m.matches('^[A-Z]+$'))").message("methods are upper-case tokens such as GET or POST"))]
     pub methods: Vec<String>,
     /// Every listed header must be present with exactly this value.
@@ -155,6 +157,7 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Status codes (500-599) and/or `connect-failure`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub retry_on: Vec<RetryOn>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^([0-9]+(ms|s|m|h))+$"))]
@@ -209,6 +212,8 @@ impl JsonSchema for RetryOn {
         schemars::json_schema!({
             "x-kubernetes-int-or-string": true,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
+            // Bounds the CEL rule's estimated cost; "connect-failure" is the longest value.
+            "maxLength": 15,
             "x-kubernetes-validations": [{
                 "rule": "string(self).matches('^(5[0-9][0-9]|connect-failure)$')",
                 "message": "retryOn takes status codes 500-599 or connect-failure"
@@ -290,12 +295,16 @@ pub struct Backend {
 #[x_kube(validation = Rule::new("!(has(self.allowOrigins) && self.allowOrigins.exists(o, o == '*') && has(self.allowCredentials) && self.allowCredentials)").message("allowOrigins '*' cannot be combined with allowCredentials"))]
 pub struct Cors {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 256)))]
     pub allow_origins: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 256)))]
     pub allow_methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 256)))]
     pub allow_headers: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 256)))]
     pub expose_headers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^([0-9]+(ms|s|m|h))+$"))]
