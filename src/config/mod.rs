@@ -136,3 +136,6 @@ impl Snapshot {
         Arc::new(Self::default())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs what the tests need on a fresh Debian machine
+# (root or sudo), builds the real Kubernetes control plane once (cached outside the repo), then
+# runs every test. Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "==> real kube-apiserver, etcd, kubectl, helm (built once, cached)"
+TOLLGATE_K8S_BIN="$(hack/build-k8s-tools.sh | tail -n 1)"
+export TOLLGATE_K8S_BIN
+echo "    $TOLLGATE_K8S_BIN"
+
+echo "==> cargo test"
+cargo test --locked "$@"
