@@ -100,10 +100,31 @@ impl Upstream {
             if e.is_connect() {
                 tracing::debug!(error = %e, "upstream connect failed");
                 ProxyError::ConnectFailed
+            } else if request_body_too_large(&e) {
+                // A body without Content-Length crossed `max_body_bytes` while streaming: the
+                // client's fault (413), not the upstream's (502).
+                tracing::debug!("request body exceeded the size limit while streaming");
+                ProxyError::PayloadTooLarge
             } else {
                 tracing::debug!(error = %e, "upstream request failed");
                 ProxyError::UpstreamFailed
             }
         })
     }
+}
+
+/// Whether a failed send was caused by the request body's size limit (`BodyError::TooLarge`
+/// somewhere in the error's source chain).
+fn request_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if matches!(
+            err.downcast_ref::<super::body::BodyError>(),
+            Some(super::body::BodyError::TooLarge)
+        ) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
