@@ -392,7 +392,10 @@ async fn serve(
         Match::NotFound => return Err(ProxyError::NoRoute),
         Match::NeedBody => {
             check_content_length(&parts.headers, gw.options.max_body_bytes)?;
-            let bytes = read_body_capped(body, gw.options.max_inspect_bytes).await?;
+            // The body is forwarded from this buffer, so `max_body_bytes` must bind here too
+            // (a chunked body has no Content-Length for the check above).
+            let cap = gw.options.max_inspect_bytes.min(gw.options.max_body_bytes);
+            let bytes = read_body_capped(body, cap).await?;
             body = ProxyBody::full(bytes.clone());
             let fields = body_fields(&bytes);
             buffered = Some(bytes);
