@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::balance::endpoints::EndpointRegistry;
-use crate::config::{compile, CompileOptions, Problem, Snapshot};
+use crate::config::{compile, CompileOptions, Problem, Snapshot, Store};
 use crate::discovery::{DiscoveryMode, DnsConfig, DnsDiscovery, Resolver, SliceEndpoints};
 use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{Gateway, ProxyOptions};
@@ -95,6 +95,9 @@ pub enum AppError {
         path: PathBuf,
         source: notify::Error,
     },
+    /// The Kubernetes source could not start (no config, no CRDs, no RBAC, no API server).
+    #[error(transparent)]
+    Kubernetes(#[from] crate::sources::kubernetes::KubeError),
 }
 
 /// A running gateway: its addresses and the handle to stop it.
@@ -107,6 +110,8 @@ pub struct Running {
     pub listen: SocketAddr,
     pub tls_listen: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
+    /// The Kubernetes source (`run` mode): sync, leadership, status writes.
+    pub kubernetes: Option<Arc<crate::sources::kubernetes::Handle>>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -213,6 +218,7 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
         listen,
         tls_listen,
         admin_listen,
+        kubernetes: None,
         shutdown: tx,
         servers,
         background,
@@ -304,5 +310,57 @@ pub async fn start_standalone(config: PathBuf, opts: &ServeOptions) -> Result<Ru
             source,
         })?;
     running.keep(Box::new(watcher));
+    Ok(running)
+}
+
+/// Compiles a store gathered by the Kubernetes source, attaches endpoints, swaps.
+pub fn reload_store(gw: &Gateway, resolver: &Resolver, store: &Store, opts: &ServeOptions) {
+    let started = Instant::now();
+    let mut snap = compile(store, &opts.compile_options(gw.swaps() + 1));
+    attach_endpoints(&mut snap, resolver);
+    let elapsed = started.elapsed();
+    gw.metrics.compile_seconds.observe(elapsed.as_secs_f64());
+    gw.metrics
+        .config_reloads_total
+        .with_label_values(&["success"])
+        .inc();
+    tracing::info!(
+        routes = snap.routes.len(),
+        keys = snap.keys.len(),
+        problems = snap.problems.len(),
+        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+        "configuration compiled"
+    );
+    gw.swap(snap);
+}
+
+/// `run`: the gateway fed by Kubernetes watches. Refuses to start without the CRDs; `/readyz`
+/// turns true once every watch has synced and the first snapshot is in.
+pub async fn start_kubernetes(
+    opts: &ServeOptions,
+    k8s: &crate::sources::kubernetes::KubeOptions,
+) -> Result<Running, AppError> {
+    use crate::sources::kubernetes as kube_source;
+    let client = kube_source::client(k8s).await?;
+    kube_source::check_crds(&client, &k8s.watch_namespaces).await?;
+    let mut running = start(opts).await?;
+    let (gw, resolver, opts2) = (
+        running.gateway.clone(),
+        running.resolver.clone(),
+        opts.clone(),
+    );
+    let gw2 = running.gateway.clone();
+    let wiring = kube_source::Wiring {
+        apply: Arc::new(move |store: Store| reload_store(&gw, &resolver, &store, &opts2)),
+        current: Arc::new(move || gw2.snapshot()),
+        slices: running.slices.clone(),
+    };
+    let mut k8s = k8s.clone();
+    k8s.endpoint_slices = opts.discovery == DiscoveryMode::Endpointslices;
+    let (handle, tasks) = kube_source::spawn(client, &k8s, wiring);
+    for t in tasks {
+        running.add_background(t);
+    }
+    running.kubernetes = Some(handle);
     Ok(running)
 }

@@ -28,6 +28,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Kubernetes mode: watches AgentRoute, AgentApiKey, Secret, Service and EndpointSlice
+    /// (in-cluster config or KUBECONFIG); the Lease holder writes status.
+    Run {
+        #[command(flatten)]
+        kube: KubeFlags,
+        #[command(flatten)]
+        common: Common,
+    },
     /// The gateway fed from YAML files (AgentRoute, AgentApiKey, Secret); reloads on change.
     Standalone {
         /// A YAML file or a directory of them.
@@ -119,6 +127,50 @@ struct Common {
     /// DNS servers for backend discovery (repeatable; default: /etc/resolv.conf).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
+}
+
+/// Flags of `run` only.
+#[derive(Args, Clone)]
+struct KubeFlags {
+    /// Watch only this namespace (repeatable; default: every namespace).
+    #[arg(
+        long = "watch-namespace",
+        env = "TOLLGATE_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
+    /// The Lease that elects the replica writing status (default: tollgate-<gateway class>).
+    #[arg(long, env = "TOLLGATE_LEASE_NAME")]
+    lease_name: Option<String>,
+    /// Namespace of that Lease (default: POD_NAMESPACE, else tollgate-system).
+    #[arg(long, env = "TOLLGATE_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// A burst of changes within this window costs one compile.
+    #[arg(long, default_value = "50ms", value_parser = parse_dur)]
+    debounce: Duration,
+    /// A kubeconfig file (default: in-cluster, else KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl KubeFlags {
+    fn options(&self, gateway_class: &str) -> tollgate::sources::kubernetes::KubeOptions {
+        use tollgate::sources::kubernetes::{default_lease_namespace, KubeOptions};
+        KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            watch_namespaces: self.watch_namespaces.clone(),
+            lease_name: self
+                .lease_name
+                .clone()
+                .unwrap_or_else(|| format!("tollgate-{gateway_class}")),
+            lease_namespace: self
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(default_lease_namespace),
+            debounce: self.debounce,
+            ..KubeOptions::default()
+        }
+    }
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -276,6 +328,18 @@ fn run() -> Result<ExitCode> {
                 shutdown_signal().await;
                 running.shutdown().await;
                 services.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Run { kube, common } => {
+            logging::init(common.log_format);
+            let opts = common.serve_options()?;
+            let kube_opts = kube.options(&common.gateway_class);
+            common.runtime()?.block_on(async move {
+                let running = app::start_kubernetes(&opts, &kube_opts).await?;
+                shutdown_signal().await;
+                tracing::info!("shutting down: draining in-flight requests");
+                running.shutdown().await;
                 Ok(ExitCode::SUCCESS)
             })
         }

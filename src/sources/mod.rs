@@ -2,6 +2,7 @@
 //! They know nothing of routing; compile does.
 
 pub mod files;
+pub mod kubernetes;
 
 use std::path::Path;
 
