@@ -15,6 +15,7 @@ use crate::config::{compile, CompileOptions, Problem, Snapshot, Store};
 use crate::discovery::{DiscoveryMode, DnsConfig, DnsDiscovery, Resolver, SliceEndpoints};
 use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{Gateway, ProxyOptions};
+use crate::ratelimit::{RateLimiter, RedisConfig, RedisLimiter};
 use crate::sources::files::FileSource;
 use crate::telemetry::Metrics;
 
@@ -36,6 +37,8 @@ pub struct ServeOptions {
     pub discovery: DiscoveryMode,
     /// DNS discovery settings (name servers, refresh bounds).
     pub dns: DnsConfig,
+    /// Shared limits across replicas (`redis://host:port[/db]`); local limits when unset.
+    pub redis_url: Option<String>,
 }
 
 impl ServeOptions {
@@ -55,6 +58,7 @@ impl ServeOptions {
             cluster_domain: "cluster.local".to_string(),
             discovery: DiscoveryMode::Dns,
             dns: DnsConfig::default(),
+            redis_url: None,
         }
     }
 
@@ -86,6 +90,9 @@ pub enum AppError {
     /// TLS could not be configured.
     #[error("TLS configuration failed: {0}")]
     Tls(#[from] rustls::Error),
+    /// The Redis URL is unusable.
+    #[error("--redis-url: {0}")]
+    Redis(#[from] crate::ratelimit::RedisLimitError),
     /// Endpoint discovery could not start.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
@@ -160,7 +167,18 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     let metrics = Metrics::new(opts.metrics_per_client)?;
     let upstream = Upstream::new(&opts.upstream)?;
-    let gw = Gateway::new(metrics, opts.proxy.clone(), upstream);
+    let redis = match &opts.redis_url {
+        Some(url) => {
+            let r = RedisLimiter::connect(RedisConfig::new(url.clone())).await?;
+            r.set_fallback_counter(metrics.ratelimit_fallbacks_total.clone());
+            Some(r)
+        }
+        None => None,
+    };
+    let limiter = Arc::new(RateLimiter::new(redis));
+    // Idle buckets (full again) are evicted every 10 s so memory follows active clients.
+    let sweeper = limiter.spawn_sweeper(crate::ratelimit::DEFAULT_SWEEP_INTERVAL);
+    let gw = Gateway::new(metrics, opts.proxy.clone(), upstream, limiter);
     let (tx, rx) = watch::channel(false);
     let registry = Arc::new(EndpointRegistry::new());
     let slices = Arc::new(SliceEndpoints::new(registry.clone()));
@@ -206,10 +224,10 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
             opts.shutdown_grace,
         )));
     }
-    let background = vec![tokio::spawn(crate::telemetry::admin::serve(
-        gw.clone(),
-        admin,
-    ))];
+    let background = vec![
+        tokio::spawn(crate::telemetry::admin::serve(gw.clone(), admin)),
+        sweeper,
+    ];
     tracing::info!(%listen, ?tls_listen, %admin_listen, "gateway listening");
     Ok(Running {
         gateway: gw,

@@ -10,5 +10,6 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod proxy;
+pub mod ratelimit;
 pub mod sources;
 pub mod telemetry;

@@ -112,6 +112,10 @@ struct Common {
     /// Add per-client labels to a request counter (watch the cardinality).
     #[arg(long)]
     metrics_per_client: bool,
+    /// Shared request and token limits across replicas: `redis://host:port[/db]`. If Redis
+    /// is unreachable, limits fall back to each replica's own (logged and counted).
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    redis_url: Option<String>,
     /// Cluster DNS domain of Service names.
     #[arg(long, default_value = "cluster.local", env = "TOLLGATE_CLUSTER_DOMAIN")]
     cluster_domain: String,
@@ -203,6 +207,7 @@ impl Common {
                 ..UpstreamOptions::default()
             },
             metrics_per_client: self.metrics_per_client,
+            redis_url: self.redis_url.clone(),
             cluster_domain: self.cluster_domain.clone(),
             discovery: self.discovery,
             dns: DnsConfig {

@@ -103,7 +103,11 @@ async fn host_matching_prefers_exact_then_wildcard_then_any() {
             assert_eq!(r.status(), StatusCode::OK, "{host}");
             assert_eq!(r.text().await.expect("body"), want, "{host}");
         }
-        assert_eq!(exact.last().header("x-forwarded-host").as_deref(), Some("api.example.com"));
+        // X-Forwarded-Host carries the host as the client sent it, port included.
+        assert_eq!(
+            exact.last().header("x-forwarded-host").as_deref(),
+            Some("API.Example.com:8080")
+        );
     })
     .await;
 }

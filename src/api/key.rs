@@ -1,4 +1,6 @@
 //! `AgentApiKey`: an API key (by Secret reference or by SHA-256 only) with its client id and limits.
+// kube's derive repeats `type_` once per printcolumn, which clippy mistakes for a duplicate.
+#![allow(clippy::duplicated_attributes)]
 
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

@@ -1,4 +1,6 @@
 //! `AgentRoute`: a path-prefix route to one or more backends, with its policies.
+// kube's derive repeats `type_` once per printcolumn, which clippy mistakes for a duplicate.
+#![allow(clippy::duplicated_attributes)]
 
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

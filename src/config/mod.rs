@@ -80,6 +80,9 @@ impl std::fmt::Display for Problem {
         if let Some(o) = &self.origin {
             write!(f, "{o}: ")?;
         }
+        if self.kind == "File" {
+            return write!(f, "{} ({})", self.message, self.reason);
+        }
         write!(f, "{} {}", self.kind, self.object)?;
         if !self.field.is_empty() {
             write!(f, " field {}", self.field)?;

@@ -67,7 +67,7 @@ impl CertStore {
         if let Some(suffix) = host.strip_prefix('*') {
             if !self.wildcard.iter().any(|(s, _)| s == suffix) {
                 self.wildcard.push((suffix.to_string(), cert));
-                self.wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+                self.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
             }
         } else {
             self.exact.entry(host).or_insert(cert);

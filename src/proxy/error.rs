@@ -3,6 +3,31 @@
 
 use http::{HeaderValue, StatusCode};
 
+/// The `RateLimit-*` and `Retry-After` values of a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitHeaders {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_secs: u64,
+    pub retry_after_secs: u64,
+}
+
+impl LimitHeaders {
+    /// Writes `RateLimit-Limit/-Remaining/-Reset` (and `Retry-After` when refused).
+    pub fn write(&self, h: &mut http::HeaderMap, refused: bool) {
+        use super::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
+        h.insert(&RATELIMIT_LIMIT, HeaderValue::from(self.limit));
+        h.insert(&RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
+        h.insert(&RATELIMIT_RESET, HeaderValue::from(self.reset_secs));
+        if refused {
+            h.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(self.retry_after_secs.max(1)),
+            );
+        }
+    }
+}
+
 /// A refusal or failure the gateway answers itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -35,10 +60,10 @@ pub enum ProxyError {
     PayloadTooLarge,
     /// A request limit refused the request.
     #[error("rate limit exceeded")]
-    RateLimited,
+    RateLimited(LimitHeaders),
     /// A token budget refused the request.
     #[error("token budget exceeded")]
-    TokenLimited,
+    TokenLimited(LimitHeaders),
     /// The external auth service is down or failing: fail closed.
     #[error("authentication service unavailable")]
     AuthUnavailable,
@@ -73,7 +98,9 @@ impl ProxyError {
             }
             ProxyError::Forbidden | ProxyError::NamespaceForbidden => StatusCode::FORBIDDEN,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::RateLimited | ProxyError::TokenLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited(_) | ProxyError::TokenLimited(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::UpstreamFailed | ProxyError::ConnectFailed => StatusCode::BAD_GATEWAY,
             ProxyError::NoEndpoint | ProxyError::AuthUnavailable | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -95,8 +122,8 @@ impl ProxyError {
             ProxyError::Forbidden => "forbidden",
             ProxyError::NamespaceForbidden => "namespace_forbidden",
             ProxyError::PayloadTooLarge => "payload_too_large",
-            ProxyError::RateLimited => "rate_limited",
-            ProxyError::TokenLimited => "token_limited",
+            ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::TokenLimited(_) => "token_limited",
             ProxyError::AuthUnavailable => "auth_unavailable",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::ConnectFailed => "connect_failed",

@@ -16,6 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::Snapshot;
+use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
 
 pub use body::ProxyBody;
@@ -61,10 +62,17 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub options: ProxyOptions,
     pub upstream: upstream::Upstream,
+    /// Request and token limits; state lives here, outside every snapshot.
+    pub limiter: Arc<RateLimiter>,
 }
 
 impl Gateway {
-    pub fn new(metrics: Metrics, options: ProxyOptions, upstream: upstream::Upstream) -> Arc<Self> {
+    pub fn new(
+        metrics: Metrics,
+        options: ProxyOptions,
+        upstream: upstream::Upstream,
+        limiter: Arc<RateLimiter>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::new(Snapshot::empty()),
             ready: AtomicBool::new(false),
@@ -73,6 +81,7 @@ impl Gateway {
             metrics,
             options,
             upstream,
+            limiter,
         })
     }
 

@@ -14,8 +14,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::ProxyBody;
-use super::error::ProxyError;
+use super::body::{BodyTap, ProxyBody};
+use super::error::{LimitHeaders, ProxyError};
 use super::headers::{self, X_API_KEY, X_CLIENT_ID, X_REQUEST_ID};
 use super::Gateway;
 use crate::api::{LoadBalancer, Protocol, Sticky};
@@ -26,6 +26,9 @@ use crate::balance::weighted::CanaryMode;
 use crate::config::route::{BackendTarget, CompiledBackend, CompiledRoute};
 use crate::config::table::BodyFields;
 use crate::config::{path, Match, Snapshot};
+use crate::ratelimit::{
+    BucketSpec, Decision, TokenBudgetSpec, TokenDecision, TokenReservation, UsageObserver,
+};
 
 /// Facts about the client connection.
 #[derive(Clone, Copy, Debug)]
@@ -100,8 +103,12 @@ pub fn error_response(e: &ProxyError, request_id: &HeaderValue) -> Response<Prox
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let ProxyError::MethodNotAllowed(allow) = e {
-        h.insert(header::ALLOW, allow.clone());
+    match e {
+        ProxyError::MethodNotAllowed(allow) => {
+            h.insert(header::ALLOW, allow.clone());
+        }
+        ProxyError::RateLimited(l) | ProxyError::TokenLimited(l) => l.write(h, true),
+        _ => {}
     }
     if matches!(
         e,
@@ -425,8 +432,70 @@ async fn serve(
     let (caller, carrier) = authenticate(gw, snap, &route, &parts, websocket && is_upgrade)?;
     outcome.client = caller.as_ref().map(|c| c.key.client_id.clone());
 
-    // 5. Body size.
+    // 5. Request limits, then 6. token budgets.
+    let client: Cow<'_, str> = match &caller {
+        Some(c) => Cow::Borrowed(&*c.key.client_id),
+        None => Cow::Owned(format!("ip:{}", conn.remote.ip())),
+    };
+    let rate_headers = check_request_limits(gw, &route, caller.as_ref(), &client).await?;
     check_content_length(&parts.headers, gw.options.max_body_bytes)?;
+    let mut reservation = ReservationGuard(None);
+    let key_tpm = caller.as_ref().and_then(|c| c.key.limits.tokens_per_minute);
+    let route_tpm = route.rate_limit.as_ref().and_then(|r| r.tokens_per_minute);
+    if (key_tpm.is_some() || route_tpm.is_some()) && !websocket {
+        let estimate = match content_length(&parts.headers) {
+            Some(n) if n > gw.options.max_inspect_bytes => {
+                // Too large to inspect: ~4 bytes a token, plus the usual completion size.
+                n / 4
+                    + gw.limiter
+                        .completion_stats()
+                        .estimate(&client, Some(&route.id))
+            }
+            _ => {
+                let bytes = match buffered.take() {
+                    Some(b) => b,
+                    None => read_body_capped(body, gw.options.max_inspect_bytes).await?,
+                };
+                body = ProxyBody::full(bytes.clone());
+                let est = gw.limiter.estimate_tokens(&client, Some(&route.id), &bytes);
+                buffered = Some(bytes);
+                est
+            }
+        };
+        let key_budget = key_tpm.map(|tpm| TokenBudgetSpec {
+            client: &client,
+            route: None,
+            per_minute: tpm,
+        });
+        let route_budget = route_tpm.map(|tpm| TokenBudgetSpec {
+            client: &client,
+            route: Some(&route.id),
+            per_minute: tpm,
+        });
+        let reserved = match (key_budget, route_budget) {
+            (Some(a), Some(b)) => gw.limiter.reserve_tokens(&[a, b], estimate).await,
+            (Some(a), None) | (None, Some(a)) => gw.limiter.reserve_tokens(&[a], estimate).await,
+            (None, None) => Ok(TokenReservation::unlimited()),
+        };
+        match reserved {
+            Ok(r) => reservation.0 = Some(r),
+            Err(TokenDecision::Limited {
+                info,
+                retry_after_secs,
+            }) => {
+                gw.metrics
+                    .rate_limited_total
+                    .with_label_values(&[&route.id, "tokens"])
+                    .inc();
+                return Err(ProxyError::TokenLimited(LimitHeaders {
+                    limit: info.limit,
+                    remaining: info.remaining,
+                    reset_secs: info.reset_secs,
+                    retry_after_secs,
+                }));
+            }
+        }
+    }
 
     // Request headers toward the upstream.
     let h = &mut parts.headers;
@@ -455,9 +524,15 @@ async fn serve(
         &headers::X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        if !host.is_empty() {
-            h.insert(&headers::X_FORWARDED_HOST, v);
+    // The host as the client sent it, port included (what Envoy and nginx's $http_host pass).
+    let sent_host = parts
+        .uri
+        .authority()
+        .map(|a| HeaderValue::from_str(a.as_str()).ok())
+        .unwrap_or_else(|| parts.headers.get(header::HOST).cloned());
+    if let Some(v) = sent_host.or_else(|| HeaderValue::from_str(&host).ok()) {
+        if !v.is_empty() {
+            parts.headers.insert(&headers::X_FORWARDED_HOST, v);
         }
     }
 
@@ -575,7 +650,10 @@ async fn serve(
                     continue;
                 }
                 outcome_label(if status >= 500 { "5xx" } else { "success" });
-                return Ok(finish_response(
+                let tap = reservation.0.take().map(|r| {
+                    Box::new(UsageTap::new(gw, &route, &client, r, &resp)) as Box<dyn BodyTap>
+                });
+                let mut resp = finish_response(
                     gw,
                     &route,
                     resp,
@@ -584,11 +662,159 @@ async fn serve(
                     deadline,
                     guard,
                     caller,
-                ));
+                    tap,
+                );
+                if let Some(l) = &rate_headers {
+                    l.write(resp.headers_mut(), false);
+                }
+                return Ok(resp);
             }
         }
     }
     Err(last_err)
+}
+
+/// Checks the key's and the route's request buckets (all or none consume).
+async fn check_request_limits(
+    gw: &Gateway,
+    route: &CompiledRoute,
+    caller: Option<&Caller>,
+    client: &str,
+) -> Result<Option<LimitHeaders>, ProxyError> {
+    let key_bucket = caller.map(|c| BucketSpec {
+        client,
+        route: None,
+        per_minute: c.key.limits.requests_per_minute,
+        burst: c.key.limits.burst,
+    });
+    let route_bucket = route.rate_limit.as_ref().and_then(|r| {
+        r.requests_per_minute.map(|rpm| BucketSpec {
+            client,
+            route: Some(&route.id),
+            per_minute: rpm,
+            burst: r.burst.unwrap_or(rpm),
+        })
+    });
+    let decision = match (key_bucket, route_bucket) {
+        (Some(a), Some(b)) => gw.limiter.check_requests(&[a, b]).await,
+        (Some(a), None) | (None, Some(a)) => gw.limiter.check_requests(&[a]).await,
+        (None, None) => return Ok(None),
+    };
+    match decision {
+        Decision::Allowed(info) => Ok(Some(LimitHeaders {
+            limit: info.limit,
+            remaining: info.remaining,
+            reset_secs: info.reset_secs,
+            retry_after_secs: 0,
+        })),
+        Decision::Limited {
+            info,
+            retry_after_secs,
+        } => {
+            gw.metrics
+                .rate_limited_total
+                .with_label_values(&[&route.id, "requests"])
+                .inc();
+            Err(ProxyError::RateLimited(LimitHeaders {
+                limit: info.limit,
+                remaining: info.remaining,
+                reset_secs: info.reset_secs,
+                retry_after_secs,
+            }))
+        }
+    }
+}
+
+/// Refunds a token reservation if the request never reached a response (the upstream did no
+/// work); a response takes the reservation over in its `UsageTap`.
+struct ReservationGuard(Option<TokenReservation>);
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.release();
+        }
+    }
+}
+
+/// Watches a response for the upstream's reported `usage` and settles the token reservation
+/// when it ends, without holding a byte back.
+struct UsageTap {
+    observer: Option<UsageObserver>,
+    reservation: Option<TokenReservation>,
+    limiter: Arc<crate::ratelimit::RateLimiter>,
+    client: Arc<str>,
+    route: Arc<str>,
+    prompt: prometheus::IntCounter,
+    completion: prometheus::IntCounter,
+}
+
+impl UsageTap {
+    fn new(
+        gw: &Gateway,
+        route: &CompiledRoute,
+        client: &str,
+        reservation: TokenReservation,
+        resp: &Response<Incoming>,
+    ) -> Self {
+        let compressed = resp
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() != b"identity");
+        let ctype = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        Self {
+            observer: Some(if compressed {
+                UsageObserver::off()
+            } else {
+                UsageObserver::for_content_type(ctype)
+            }),
+            reservation: Some(reservation),
+            limiter: gw.limiter.clone(),
+            client: Arc::from(client),
+            route: route.id.clone(),
+            prompt: gw
+                .metrics
+                .tokens_total
+                .with_label_values(&[&route.id, "prompt"]),
+            completion: gw
+                .metrics
+                .tokens_total
+                .with_label_values(&[&route.id, "completion"]),
+        }
+    }
+}
+
+impl BodyTap for UsageTap {
+    fn on_data(&mut self, data: &[u8]) {
+        if let Some(o) = &mut self.observer {
+            o.observe(data);
+        }
+    }
+
+    fn on_end(&mut self, _complete: bool) {
+        let usage = self.observer.take().and_then(UsageObserver::finish);
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        match usage {
+            Some(u) => {
+                self.prompt.inc_by(u.prompt_tokens);
+                self.completion.inc_by(u.completion_tokens);
+                self.limiter.completion_stats().record(
+                    &self.client,
+                    Some(&self.route),
+                    u.completion_tokens,
+                );
+                let total = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
+                reservation.settle(total);
+            }
+            // No usage reported (an error, a client gone mid-stream): the reservation stands.
+            None => drop(reservation),
+        }
+    }
 }
 
 /// Decrements a gauge when dropped (rides inside response bodies).
@@ -610,6 +836,7 @@ fn finish_response(
     deadline: Option<tokio::time::Instant>,
     guard: UpstreamGuard,
     caller: Option<Caller>,
+    tap: Option<Box<dyn BodyTap>>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -625,7 +852,8 @@ fn finish_response(
     let mut body = ProxyBody::incoming(body)
         .with_idle_timeout(route.timeouts.idle)
         .with_deadline(deadline)
-        .with_guard(Box::new(guard));
+        .with_guard(Box::new(guard))
+        .with_tap(tap);
     if is_stream {
         let g = gw.metrics.streams_active.with_label_values(&["sse"]);
         g.inc();

@@ -1,14 +1,15 @@
-//! Rate limiting: request buckets, LLM token budgets and usage accounting, local or shared via Redis.
-//! Owns only runtime limit state keyed by stable client/route ids; must not depend on config
-//! snapshots, auth or the proxy (callers pass plain ids and numbers, so a config swap resets no one).
+//! Rate limiting: request buckets, token budgets, usage accounting; local, or shared via Redis.
+//! Must not depend on config snapshots, auth or the proxy: callers pass ids and numbers.
+//!
+//! State lives here, keyed by stable client/route ids, so a config swap resets no one.
 //!
 //! How the proxy uses it, per request (after authorisation):
 //!
 //! 1. `check_requests(&[key bucket, route bucket])` → `Decision`; on `Limited` answer 429
 //!    `rate_limited` with `Retry-After` and the `RateLimit-*` values of the returned [`RateInfo`].
 //! 2. For token-budgeted routes: `estimate_tokens(client, route, body)` then
-//!    `reserve_tokens(&[key budget, route budget], estimate)`; `Err(TokenDecision::Limited)` is a 429
-//!    `token_limited`. The [`TokenReservation`] rides inside the response body.
+//!    `reserve_tokens(&[key budget, route budget], estimate)`; `Err(TokenDecision::Limited)` is a
+//!    429 `token_limited`. The [`TokenReservation`] rides inside the response body.
 //! 3. Each response chunk goes (by reference, after forwarding) to a [`UsageObserver`]; at the end
 //!    `finish()` gives the reported [`Usage`]: `reservation.settle(usage.total_tokens)` and
 //!    `completion_stats().record(client, route, usage.completion_tokens)`. When no usage was
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-pub use self::local::{BucketKey, BucketName, BucketSpec, LocalLimiter};
+pub use self::local::{BucketSpec, LocalLimiter};
 pub use self::redis::{RedisConfig, RedisLimitError, RedisLimiter, SharedReservation};
 pub use self::tokens::{
     estimate_prompt_tokens, estimate_request, requested_completion_tokens, CompletionStats,
@@ -35,7 +36,8 @@ pub use self::usage::{Usage, UsageObserver};
 pub type Nanos = u64;
 
 /// How often [`RateLimiter::spawn_sweeper`] is usually run: idle state is dropped within this
-/// interval of becoming idle, and a sweep of 100,000 buckets costs a few milliseconds of one core.
+/// interval of becoming idle, and a sweep of 100,000 buckets costs about a millisecond of one core
+/// (one shard locked at a time).
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The time source of the local limiters: the system's monotonic clock, or a manual clock that
@@ -219,7 +221,9 @@ impl RateLimiter {
                 Err(err) => redis.note_fallback(&err),
             }
         }
-        let local = self.tokens.reserve_at(budgets, estimate, self.clock.now())?;
+        let local = self
+            .tokens
+            .reserve_at(budgets, estimate, self.clock.now())?;
         Ok(TokenReservation {
             reserved: local.reserved(),
             info: local.info(),
@@ -388,13 +392,24 @@ mod tests {
         let specs = [bucket("c", None, 60, 3), bucket("c", Some("r"), 120, 10)];
         for left in (0..3).rev() {
             let decision = limiter.check_requests(&specs).await;
-            assert_eq!(decision, Decision::Allowed(RateInfo { limit: 3, remaining: left, reset_secs: 3 - left }));
+            assert_eq!(
+                decision,
+                Decision::Allowed(RateInfo {
+                    limit: 3,
+                    remaining: left,
+                    reset_secs: 3 - left
+                })
+            );
         }
         let refused = limiter.check_requests(&specs).await;
         assert_eq!(
             refused,
             Decision::Limited {
-                info: RateInfo { limit: 3, remaining: 0, reset_secs: 3 },
+                info: RateInfo {
+                    limit: 3,
+                    remaining: 0,
+                    reset_secs: 3
+                },
                 retry_after_secs: 1
             }
         );
@@ -433,7 +448,16 @@ mod tests {
         };
         assert_eq!(first.info().remaining, 1_000 - 606);
         let second = limiter.reserve_tokens(&budgets, estimate).await;
-        assert!(matches!(second, Err(TokenDecision::Limited { retry_after_secs: 13, .. })), "{second:?}");
+        assert!(
+            matches!(
+                second,
+                Err(TokenDecision::Limited {
+                    retry_after_secs: 13,
+                    ..
+                })
+            ),
+            "{second:?}"
+        );
         // The first request used only 100 tokens: 506 come back and the second one fits.
         first.settle(100);
         limiter.completion_stats().record("c", Some("chat"), 94);
@@ -449,9 +473,19 @@ mod tests {
     async fn sweep_drops_idle_state() {
         let clock = Clock::manual();
         let limiter = RateLimiter::with_clock(None, clock.clone());
-        assert!(limiter.check_requests(&[bucket("c", None, 60, 5)]).await.is_allowed());
+        assert!(limiter
+            .check_requests(&[bucket("c", None, 60, 5)])
+            .await
+            .is_allowed());
         let reservation = limiter
-            .reserve_tokens(&[TokenBudgetSpec { client: "c", route: None, per_minute: 600 }], 60)
+            .reserve_tokens(
+                &[TokenBudgetSpec {
+                    client: "c",
+                    route: None,
+                    per_minute: 600,
+                }],
+                60,
+            )
             .await;
         assert!(reservation.is_ok());
         drop(reservation);

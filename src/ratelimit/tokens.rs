@@ -4,8 +4,8 @@
 //! # Budgets
 //!
 //! A budget (`tokensPerMinute` of a key or of a route) is a bucket of capacity `tpm` refilled
-//! continuously at `tpm / 60` tokens per second (same exact arithmetic as request buckets: one token
-//! is `60 × 10⁹` units, a budget gains `tpm` units per nanosecond). A request reserves its
+//! continuously at `tpm / 60` tokens per second (same exact arithmetic as request buckets: one
+//! token is `60 × 10⁹` units, a budget gains `tpm` units per nanosecond). A request reserves its
 //! estimate in every applicable budget at admission; reservations in flight count as spent, so
 //! concurrent requests cannot overrun a budget. It is admitted only when the reservation fits the
 //! remaining tokens of **every** budget; a refused request reserves nothing anywhere.
@@ -198,7 +198,13 @@ impl LocalTokens {
                 }
                 if let Some((info, wait)) = refused {
                     let retry_after_secs = secs_ceil(wait).max(1);
-                    return (Err(TokenDecision::Limited { info, retry_after_secs }), false);
+                    return (
+                        Err(TokenDecision::Limited {
+                            info,
+                            retry_after_secs,
+                        }),
+                        false,
+                    );
                 }
                 let mut tightest = None;
                 for state in states.iter_mut() {
@@ -213,7 +219,7 @@ impl LocalTokens {
             held: budgets
                 .iter()
                 .map(|b| HeldBudget {
-                    key: BucketKey::of(b),
+                    key: BucketKey::new(b.client, b.route),
                     per_minute: b.per_minute.max(1),
                 })
                 .collect(),
@@ -386,9 +392,9 @@ impl CompletionStats {
 
 /// Characters per token of the prompt estimate: the usual rule of thumb for English text with
 /// OpenAI/Anthropic tokenizers. Only the reservation uses it; settling uses the reported usage.
-const CHARS_PER_TOKEN: u64 = 4;
+pub const CHARS_PER_TOKEN: u64 = 4;
 /// Tokens added per chat message for its role and separators (OpenAI counts 3 to 4).
-const MESSAGE_OVERHEAD: u64 = 4;
+pub const MESSAGE_OVERHEAD: u64 = 4;
 
 /// What a request body says about its size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -427,7 +433,12 @@ pub fn estimate_request(body: &[u8]) -> RequestEstimate {
             let n = request.n.and_then(|Lenient(n)| n).unwrap_or(1).max(1);
             limit.saturating_mul(n)
         });
-    let texts = [request.messages, request.prompt, request.input, request.system];
+    let texts = [
+        request.messages,
+        request.prompt,
+        request.input,
+        request.system,
+    ];
     if texts.iter().all(Option::is_none) {
         return RequestEstimate {
             prompt_tokens: by_length,
@@ -660,8 +671,12 @@ mod tests {
 
     const SEC: Nanos = 1_000_000_000;
 
-    fn budget(client: &str, route: Option<&'static str>, per_minute: u64) -> TokenBudgetSpec<'_> {
-        TokenBudgetSpec { client, route, per_minute }
+    fn budget<'a>(client: &'a str, route: Option<&'a str>, per_minute: u64) -> TokenBudgetSpec<'a> {
+        TokenBudgetSpec {
+            client,
+            route,
+            per_minute,
+        }
     }
 
     /// Tokens a fresh reservation attempt finds left, without keeping anything.
@@ -677,14 +692,27 @@ mod tests {
         let tokens = LocalTokens::new();
         let b = [budget("c", None, 1_000)];
         let first = tokens.reserve_at(&b, 700, 0);
-        let Ok(first) = first else { panic!("refused: {first:?}") };
+        let Ok(first) = first else {
+            panic!("refused: {first:?}")
+        };
         assert_eq!(first.reserved(), 700);
-        assert_eq!(first.info(), RateInfo { limit: 1_000, remaining: 300, reset_secs: 42 });
+        assert_eq!(
+            first.info(),
+            RateInfo {
+                limit: 1_000,
+                remaining: 300,
+                reset_secs: 42
+            }
+        );
         // 400 > 300 left: refused; 100 tokens take 6 s to refill at 1000/min.
         assert_eq!(
             tokens.reserve_at(&b, 400, 0).map(|r| r.reserved()),
             Err(TokenDecision::Limited {
-                info: RateInfo { limit: 1_000, remaining: 300, reset_secs: 42 },
+                info: RateInfo {
+                    limit: 1_000,
+                    remaining: 300,
+                    reset_secs: 42
+                },
                 retry_after_secs: 6
             })
         );
@@ -717,7 +745,16 @@ mod tests {
         r.settle_at(1_500, 0);
         // 880 - 1500 = -620: in debt, even a zero estimate waits until the debt is repaid.
         let refused = tokens.reserve_at(&[b], 0, 0);
-        assert!(matches!(refused, Err(TokenDecision::Limited { retry_after_secs: 38, .. })), "{refused:?}");
+        assert!(
+            matches!(
+                refused,
+                Err(TokenDecision::Limited {
+                    retry_after_secs: 38,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
         assert_eq!(remaining(&tokens, b, 38 * SEC), 13);
     }
 
@@ -725,7 +762,9 @@ mod tests {
     fn refund_never_exceeds_capacity() {
         let tokens = LocalTokens::new();
         let b = budget("c", None, 600);
-        let Ok(r) = tokens.reserve_at(&[b], 600, 0) else { panic!("refused") };
+        let Ok(r) = tokens.reserve_at(&[b], 600, 0) else {
+            panic!("refused")
+        };
         // A minute later the budget is full again; the refund cannot push it over.
         r.settle_at(0, 60 * SEC);
         assert_eq!(remaining(&tokens, b, 60 * SEC), 600);
@@ -743,7 +782,9 @@ mod tests {
     fn settling_after_a_sweep_still_charges_the_excess() {
         let tokens = LocalTokens::new();
         let b = budget("c", None, 600);
-        let Ok(r) = tokens.reserve_at(&[b], 100, 0) else { panic!("refused") };
+        let Ok(r) = tokens.reserve_at(&[b], 100, 0) else {
+            panic!("refused")
+        };
         assert_eq!(tokens.sweep(10 * SEC), 1);
         assert!(tokens.is_empty());
         r.settle_at(400, 10 * SEC);
@@ -754,10 +795,18 @@ mod tests {
     fn estimate_above_the_budget_waits_for_a_full_budget() {
         let tokens = LocalTokens::new();
         let b = [budget("c", None, 1_000), budget("c", Some("r"), 5_000)];
-        let Ok(r) = tokens.reserve_at(&b, 4_096, 0) else { panic!("refused") };
+        let Ok(r) = tokens.reserve_at(&b, 4_096, 0) else {
+            panic!("refused")
+        };
         assert_eq!(r.reserved(), 1_000);
         let refused = tokens.reserve_at(&b, 4_096, SEC);
-        assert!(matches!(refused, Err(TokenDecision::Limited { retry_after_secs: 59, .. })));
+        assert!(matches!(
+            refused,
+            Err(TokenDecision::Limited {
+                retry_after_secs: 59,
+                ..
+            })
+        ));
         assert!(tokens.reserve_at(&b, 4_096, 60 * SEC).is_ok());
     }
 
@@ -766,7 +815,8 @@ mod tests {
         // A3: 50 concurrent requests naming max_tokens against a small budget.
         let tokens = LocalTokens::new();
         let body = br#"{"messages":[{"role":"user","content":"Write a haiku about rate limits."}],"max_tokens":90}"#;
-        let estimate = estimate_prompt_tokens(body) + requested_completion_tokens(body).unwrap_or(0);
+        let estimate =
+            estimate_prompt_tokens(body) + requested_completion_tokens(body).unwrap_or(0);
         assert_eq!(estimate, 8 + 4 + 90);
         let charged = Arc::new(AtomicU64::new(0));
         let barrier = Arc::new(tokio::sync::Barrier::new(50));
@@ -777,7 +827,8 @@ mod tests {
                 let barrier = Arc::clone(&barrier);
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    let Ok(reservation) = tokens.reserve_at(&[budget("agent", Some("chat"), 1_000)], estimate, 0)
+                    let Ok(reservation) =
+                        tokens.reserve_at(&[budget("agent", Some("chat"), 1_000)], estimate, 0)
                     else {
                         return false;
                     };
@@ -808,7 +859,10 @@ mod tests {
         assert!(admitted >= 9, "admitted {admitted}");
         let total = charged.load(Ordering::Relaxed);
         assert!(total <= 1_000, "charged {total}");
-        assert_eq!(remaining(&tokens, budget("agent", Some("chat"), 1_000), 0), 1_000 - total);
+        assert_eq!(
+            remaining(&tokens, budget("agent", Some("chat"), 1_000), 0),
+            1_000 - total
+        );
     }
 
     #[test]
@@ -818,10 +872,22 @@ mod tests {
             {"role":"user","content":[{"type":"text","text":"Hello, world"},{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}
         ],"max_completion_tokens":256,"n":2}"#;
         // 14 + 12 = 26 chars → 7 tokens, plus 2 × 4 overhead.
-        assert_eq!(estimate_request(chat), RequestEstimate { prompt_tokens: 15, completion_tokens: Some(512) });
+        assert_eq!(
+            estimate_request(chat),
+            RequestEstimate {
+                prompt_tokens: 15,
+                completion_tokens: Some(512)
+            }
+        );
 
         let completions = br#"{"prompt":"abcdefghi","max_tokens":16}"#;
-        assert_eq!(estimate_request(completions), RequestEstimate { prompt_tokens: 3, completion_tokens: Some(16) });
+        assert_eq!(
+            estimate_request(completions),
+            RequestEstimate {
+                prompt_tokens: 3,
+                completion_tokens: Some(16)
+            }
+        );
         let token_ids = br#"{"prompt":[[1,2,3],[4,5]]}"#;
         assert_eq!(estimate_prompt_tokens(token_ids), 5);
 
@@ -830,32 +896,87 @@ mod tests {
         let tool_call = br#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}}]}]}"#;
         assert_eq!(estimate_prompt_tokens(tool_call), 2 + 4);
         let anthropic = br#"{"system":"Be brief.","messages":[{"role":"user","content":"Hi"}],"max_tokens":100}"#;
-        assert_eq!(estimate_request(anthropic), RequestEstimate { prompt_tokens: 3 + 4, completion_tokens: Some(100) });
+        assert_eq!(
+            estimate_request(anthropic),
+            RequestEstimate {
+                prompt_tokens: 3 + 4,
+                completion_tokens: Some(100)
+            }
+        );
         let responses = br#"{"input":"What is 2+2?","max_output_tokens":50}"#;
-        assert_eq!(estimate_request(responses), RequestEstimate { prompt_tokens: 3, completion_tokens: Some(50) });
+        assert_eq!(
+            estimate_request(responses),
+            RequestEstimate {
+                prompt_tokens: 3,
+                completion_tokens: Some(50)
+            }
+        );
 
         // Not JSON, or JSON without text: length / 4, rounded up.
-        assert_eq!(estimate_request(b"plain text body"), RequestEstimate { prompt_tokens: 4, completion_tokens: None });
+        assert_eq!(
+            estimate_request(b"plain text body"),
+            RequestEstimate {
+                prompt_tokens: 4,
+                completion_tokens: None
+            }
+        );
         assert_eq!(estimate_prompt_tokens(b""), 0);
-        assert_eq!(estimate_request(br#"{"model":"m","max_tokens":7}"#).prompt_tokens, 7);
-        assert_eq!(requested_completion_tokens(br#"{"model":"m","max_tokens":7}"#), Some(7));
+        assert_eq!(
+            estimate_request(br#"{"model":"m","max_tokens":7}"#).prompt_tokens,
+            7
+        );
+        assert_eq!(
+            requested_completion_tokens(br#"{"model":"m","max_tokens":7}"#),
+            Some(7)
+        );
         assert_eq!(estimate_prompt_tokens(b"[1,2,3]"), 2);
-        assert_eq!(estimate_prompt_tokens(br#"{"messages":[{"content":"x"}"#), 7);
+        assert_eq!(
+            estimate_prompt_tokens(br#"{"messages":[{"content":"x"}"#),
+            7
+        );
     }
 
     #[test]
     fn odd_completion_limits_are_tolerated() {
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":12.5}"#), Some(13));
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":-3}"#), Some(0));
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":"lots"}"#), None);
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":12.5}"#),
+            Some(13)
+        );
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":-3}"#),
+            Some(0)
+        );
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":"lots"}"#),
+            None
+        );
         assert_eq!(requested_completion_tokens(br#"{"max_tokens":null}"#), None);
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":[1],"n":{"a":1}}"#), None);
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":10,"n":0}"#), Some(10));
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":18446744073709551615,"n":3}"#), Some(u64::MAX));
-        assert_eq!(requested_completion_tokens(br#"{"max_tokens":1,"max_completion_tokens":2}"#), Some(2));
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":[1],"n":{"a":1}}"#),
+            None
+        );
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":10,"n":0}"#),
+            Some(10)
+        );
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":18446744073709551615,"n":3}"#),
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            requested_completion_tokens(br#"{"max_tokens":1,"max_completion_tokens":2}"#),
+            Some(2)
+        );
         // Deeply nested input is refused by the parser's depth limit, not by a stack overflow.
-        let deep = format!("{{\"messages\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(estimate_prompt_tokens(deep.as_bytes()), (deep.len() as u64).div_ceil(4));
+        let deep = format!(
+            "{{\"messages\":{}{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert_eq!(
+            estimate_prompt_tokens(deep.as_bytes()),
+            (deep.len() as u64).div_ceil(4)
+        );
     }
 
     #[test]
