@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::external::{ExtAuth, ExtAuthConfig};
+use crate::auth::keys::KeyLimits;
 use crate::balance::endpoints::EndpointRegistry;
 use crate::config::{compile, CompileOptions, Problem, Snapshot, Store};
 use crate::discovery::{DiscoveryMode, DnsConfig, DnsDiscovery, Resolver, SliceEndpoints};
@@ -39,6 +41,8 @@ pub struct ServeOptions {
     pub dns: DnsConfig,
     /// Shared limits across replicas (`redis://host:port[/db]`); local limits when unset.
     pub redis_url: Option<String>,
+    /// The external auth service asked about unknown keys (`--ext-auth-url`); off when unset.
+    pub ext_auth: Option<ExtAuthConfig>,
 }
 
 impl ServeOptions {
@@ -59,6 +63,7 @@ impl ServeOptions {
             discovery: DiscoveryMode::Dns,
             dns: DnsConfig::default(),
             redis_url: None,
+            ext_auth: None,
         }
     }
 
@@ -93,6 +98,9 @@ pub enum AppError {
     /// The Redis URL is unusable.
     #[error("--redis-url: {0}")]
     Redis(#[from] crate::ratelimit::RedisLimitError),
+    /// The external auth client could not be set up.
+    #[error(transparent)]
+    ExtAuth(#[from] crate::auth::external::ExtAuthError),
     /// Endpoint discovery could not start.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
@@ -178,7 +186,24 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     let limiter = Arc::new(RateLimiter::new(redis));
     // Idle buckets (full again) are evicted every 10 s so memory follows active clients.
     let sweeper = limiter.spawn_sweeper(crate::ratelimit::DEFAULT_SWEEP_INTERVAL);
-    let gw = Gateway::new(metrics, opts.proxy.clone(), upstream, limiter);
+    // Keys the auth service admits get the defaults of keys that name no limit.
+    let ext_auth = match &opts.ext_auth {
+        Some(cfg) => {
+            let limits = KeyLimits {
+                requests_per_minute: opts.default_rpm,
+                burst: opts.default_rpm,
+                tokens_per_minute: None,
+            };
+            let ext = ExtAuth::new(cfg.clone(), limits)?;
+            tracing::info!(
+                auth_service = ext.target(),
+                "unknown keys are asked of the external auth service"
+            );
+            Some(ext)
+        }
+        None => None,
+    };
+    let gw = Gateway::new(metrics, opts.proxy.clone(), upstream, limiter, ext_auth);
     let (tx, rx) = watch::channel(false);
     let registry = Arc::new(EndpointRegistry::new());
     let slices = Arc::new(SliceEndpoints::new(registry.clone()));

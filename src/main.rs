@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use tollgate::app::{self, ServeOptions};
+use tollgate::auth::external::ExtAuthConfig;
 use tollgate::discovery::{DiscoveryMode, DnsConfig};
 use tollgate::proxy::upstream::UpstreamOptions;
 use tollgate::proxy::ProxyOptions;
@@ -116,6 +117,21 @@ struct Common {
     /// is unreachable, limits fall back to each replica's own (logged and counted).
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     redis_url: Option<String>,
+    /// External auth service for keys the gateway does not know: the key is sent as
+    /// `POST {"api_key": "..."}`; a 200 `{"client_id", "roles"}` admits it (on any route whose
+    /// roles match, with --default-rpm limits), 401/403 refuses it; when the service is down,
+    /// slow or answers 5xx, requests get 503 auth_unavailable.
+    #[arg(long, env = "TOLLGATE_EXT_AUTH_URL")]
+    ext_auth_url: Option<String>,
+    /// How long an admission by the auth service is cached.
+    #[arg(long, default_value = "300s", value_parser = parse_dur)]
+    ext_auth_ttl: Duration,
+    /// How long a refusal or failure of the auth service is cached.
+    #[arg(long, default_value = "5s", value_parser = parse_dur)]
+    ext_auth_failure_ttl: Duration,
+    /// The longest wait for one auth service answer.
+    #[arg(long, default_value = "2s", value_parser = parse_dur)]
+    ext_auth_timeout: Duration,
     /// Cluster DNS domain of Service names.
     #[arg(long, default_value = "cluster.local", env = "TOLLGATE_CLUSTER_DOMAIN")]
     cluster_domain: String,
@@ -208,6 +224,12 @@ impl Common {
             },
             metrics_per_client: self.metrics_per_client,
             redis_url: self.redis_url.clone(),
+            ext_auth: self.ext_auth_url.as_ref().map(|url| ExtAuthConfig {
+                ttl: self.ext_auth_ttl,
+                failure_ttl: self.ext_auth_failure_ttl,
+                timeout: self.ext_auth_timeout,
+                ..ExtAuthConfig::new(url.clone())
+            }),
             cluster_domain: self.cluster_domain.clone(),
             discovery: self.discovery,
             dns: DnsConfig {

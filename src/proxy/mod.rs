@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::external::ExtAuth;
 use crate::config::Snapshot;
 use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
@@ -64,6 +65,8 @@ pub struct Gateway {
     pub upstream: upstream::Upstream,
     /// Request and token limits; state lives here, outside every snapshot.
     pub limiter: Arc<RateLimiter>,
+    /// The external auth service asked about keys the snapshot does not know (`--ext-auth-url`).
+    pub ext_auth: Option<Arc<ExtAuth>>,
 }
 
 impl Gateway {
@@ -72,6 +75,7 @@ impl Gateway {
         options: ProxyOptions,
         upstream: upstream::Upstream,
         limiter: Arc<RateLimiter>,
+        ext_auth: Option<Arc<ExtAuth>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::new(Snapshot::empty()),
@@ -82,6 +86,7 @@ impl Gateway {
             options,
             upstream,
             limiter,
+            ext_auth,
         })
     }
 

@@ -19,7 +19,8 @@ use super::error::{LimitHeaders, ProxyError};
 use super::headers::{self, X_API_KEY, X_CLIENT_ID, X_REQUEST_ID};
 use super::Gateway;
 use crate::api::{LoadBalancer, Protocol, Sticky};
-use crate::auth::keys::KeyEntry;
+use crate::auth::external::Refusal;
+use crate::auth::keys::{KeyEntry, SecretString};
 use crate::balance::endpoints::{InFlightGuard, LbPolicy};
 use crate::balance::health::FailureKind;
 use crate::balance::weighted::CanaryMode;
@@ -237,9 +238,18 @@ fn body_fields(bytes: &[u8]) -> BodyFields {
 pub struct Caller {
     pub key: Arc<KeyEntry>,
     pub digest: crate::auth::keys::KeyDigest,
+    /// The plain key, kept (redacted in Debug) only while a request or stream of a caller
+    /// admitted by the external auth service is open, so a long stream can ask again when the
+    /// cached answer expires. `None` for keys of the key store.
+    pub external: Option<SecretString>,
 }
 
-fn authenticate(
+/// Finds the caller behind the presented key: the key store first, then (for a key it does not
+/// know, when `--ext-auth-url` is set) the external auth service. Keys the auth service admits
+/// are not bound to a namespace: they pass on any route whose roles they hold. A failing auth
+/// service refuses with 503 `auth_unavailable` on routes that require a key (fail closed); on
+/// routes that do not, an unknown or unverifiable key leaves the caller anonymous.
+async fn authenticate(
     gw: &Gateway,
     snap: &Snapshot,
     route: &CompiledRoute,
@@ -265,19 +275,39 @@ fn authenticate(
             .inc();
         Err(e)
     };
-    let Some(key) = snap.keys.get(&digest) else {
-        if route.auth.required {
-            return fail(ProxyError::InvalidKey);
+    let (key, external) = match snap.keys.get(&digest) {
+        Some(key) => (key.clone(), None),
+        None => {
+            let Some(ext) = &gw.ext_auth else {
+                if route.auth.required {
+                    return fail(ProxyError::InvalidKey);
+                }
+                return Ok((None, Some(carrier)));
+            };
+            // Only a non-empty UTF-8 key can be sent as a JSON string.
+            let verdict = match std::str::from_utf8(&plain) {
+                Ok(text) if !text.is_empty() => {
+                    let secret = SecretString::new(text);
+                    ext.lookup(&secret).await.map(|key| (key, secret))
+                }
+                _ => Err(Refusal::Invalid),
+            };
+            match verdict {
+                Ok((key, secret)) => (key, Some(secret)),
+                Err(_) if !route.auth.required => return Ok((None, Some(carrier))),
+                Err(Refusal::Invalid) => return fail(ProxyError::InvalidKey),
+                Err(Refusal::Unavailable(_)) => return fail(ProxyError::AuthUnavailable),
+            }
         }
-        return Ok((None, Some(carrier)));
     };
     if key.expired_at(jiff::Timestamp::now().as_second()) {
         return fail(ProxyError::ExpiredKey);
     }
     if route.auth.required {
-        if !route
-            .auth
-            .admits_namespace(&route.namespace, &key.namespace)
+        if external.is_none()
+            && !route
+                .auth
+                .admits_namespace(&route.namespace, &key.namespace)
         {
             return fail(ProxyError::NamespaceForbidden);
         }
@@ -287,8 +317,9 @@ fn authenticate(
     }
     Ok((
         Some(Caller {
-            key: key.clone(),
+            key,
             digest,
+            external,
         }),
         Some(carrier),
     ))
@@ -429,7 +460,7 @@ async fn serve(
     // 3-4. Authenticate and authorise.
     let websocket = route.protocol == Protocol::Websocket;
     let is_upgrade = headers::is_websocket_upgrade(&parts.headers);
-    let (caller, carrier) = authenticate(gw, snap, &route, &parts, websocket && is_upgrade)?;
+    let (caller, carrier) = authenticate(gw, snap, &route, &parts, websocket && is_upgrade).await?;
     outcome.client = caller.as_ref().map(|c| c.key.client_id.clone());
 
     // 5. Request limits, then 6. token budgets.
@@ -859,7 +890,7 @@ fn finish_response(
         g.inc();
         body = body.with_guard(Box::new(GaugeGuard(g)));
         if let Some(c) = caller {
-            body = body.with_revocation(Some(revocation(gw.clone(), c.digest)));
+            body = body.with_revocation(Some(revocation(gw.clone(), &c)));
         }
         // Tell intermediaries not to buffer the stream.
         parts
@@ -870,20 +901,31 @@ fn finish_response(
 }
 
 /// Completes when the key behind a stream is deleted, disabled or expired, checked every
-/// `revalidate_interval` against the current snapshot.
+/// `revalidate_interval` against the current snapshot. A key the external auth service admitted
+/// stays valid until the service refuses it (its cached answer is reused; after the TTL the
+/// service is asked again); an unavailable auth service does not cut established streams.
 pub fn revocation(
     gw: Arc<Gateway>,
-    digest: crate::auth::keys::KeyDigest,
+    caller: &Caller,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let digest = caller.digest;
+    let external = caller.external.clone();
     Box::pin(async move {
         let every = gw.options.revalidate_interval;
         loop {
             tokio::time::sleep(every).await;
-            let snap = gw.snapshot();
-            let valid = snap
+            let in_store = gw
+                .snapshot()
                 .keys
                 .get(&digest)
-                .is_some_and(|k| !k.expired_at(jiff::Timestamp::now().as_second()));
+                .map(|k| !k.expired_at(jiff::Timestamp::now().as_second()));
+            let valid = match (in_store, &external, &gw.ext_auth) {
+                (Some(valid), _, _) => valid,
+                (None, Some(key), Some(ext)) => {
+                    !matches!(ext.lookup(key).await, Err(Refusal::Invalid))
+                }
+                (None, _, _) => false,
+            };
             if !valid {
                 tracing::info!("closing a stream whose API key is no longer valid");
                 return;

@@ -66,7 +66,7 @@ pub async fn proxy(
     let guards = (picked.guard, GaugeGuard(streams));
     let idle = route.timeouts.idle;
     let deadline = route.timeouts.request.map(|d| started + d);
-    let revoked = caller.map(|c| revocation(gw.clone(), c.digest));
+    let revoked = caller.as_ref().map(|c| revocation(gw.clone(), c));
     tokio::spawn(async move {
         let _guards = guards;
         let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
