@@ -1,0 +1,930 @@
+//! `tollgate run` against a real kube-apiserver + etcd (hack/controlplane.sh): objects applied
+//! with a kube client reach traffic, status flows back from one leader, RBAC from manifests/ is
+//! enough, and the gateway rides out an API server outage. One namespace per test.
+
+mod support_k8s;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::ListParams;
+use kube::Api;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use support_k8s::*;
+use tollgate::sources::kubernetes::leader::LeaseTiming;
+
+/// Bound of an ordinary test here (the control plane may still be starting).
+const LIMIT: Duration = Duration::from_secs(90);
+/// How long a change may take to reach traffic before a test calls it broken (P6 wants < 1 s
+/// p99; this is only the failure line, the latency test prints the real figures).
+const SERVED: Duration = Duration::from_secs(5);
+
+fn base(running: &tollgate::app::Running) -> String {
+    format!("http://{}", running.listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_apply_edit_delete_reaches_traffic() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "route").await;
+        let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw"),
+        )
+        .await;
+        let http = http();
+        let url = format!("{}/api/chat/x", base(&gw));
+
+        let spec = |backend: &str| {
+            json!({"match": {"pathPrefix": "/api/chat"}, "auth": {"required": false},
+                   "backends": [{"url": backend}]})
+        };
+        apply(&admin, route(&ns, "chat", spec(&a.url()))).await;
+        eventually(SERVED, "apply: the route serves backend a", || async {
+            (get(&http, &url, None).await == (200, "a".into())).then_some(())
+        })
+        .await;
+        let status = eventually(SERVED, "status Accepted", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "Accepted")? == ("True".into(), "Accepted".into())).then_some(s)
+        })
+        .await;
+        assert_eq!(status["observedGeneration"], 1);
+        assert_eq!(condition(&status, "ResolvedRefs").unwrap().0, "True");
+        assert_eq!(status["backends"][0]["readyEndpoints"], 1);
+
+        apply(&admin, route(&ns, "chat", spec(&b.url()))).await;
+        eventually(SERVED, "edit: the route serves backend b", || async {
+            (get(&http, &url, None).await == (200, "b".into())).then_some(())
+        })
+        .await;
+        eventually(SERVED, "observedGeneration follows the edit", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (s["observedGeneration"] == 2).then_some(())
+        })
+        .await;
+
+        delete(&admin, "AgentRoute", &ns, "chat").await;
+        eventually(SERVED, "delete: 404", || async {
+            (get(&http, &url, None).await.0 == 404).then_some(())
+        })
+        .await;
+        gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_from_a_secret_works_and_deleting_the_secret_revokes_it_within_1s() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "key").await;
+        let backend = Echo::start("chat").await;
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw"),
+        )
+        .await;
+        let http = http();
+        let url = format!("{}/chat", base(&gw));
+        let plain = "tg-test-key-9f2c1d";
+
+        apply(&admin, secret(&ns, "mobile-key", "Opaque", json!({"api-key": plain}))).await;
+        apply(
+            &admin,
+            api_key(
+                &ns,
+                "mobile",
+                json!({"clientId": "mobile-app", "secretRef": {"name": "mobile-key", "key": "api-key"}}),
+            ),
+        )
+        .await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "chat",
+                json!({"match": {"pathPrefix": "/chat"}, "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        eventually(SERVED, "the key is accepted", || async {
+            (get(&http, &url, Some(plain)).await.0 == 200).then_some(())
+        })
+        .await;
+        let resp = http.get(&url).header("x-api-key", plain).send().await.unwrap();
+        assert_eq!(resp.headers()["x-seen-client-id"], "mobile-app");
+        assert_eq!(get(&http, &url, None).await.0, 401, "no key");
+        assert_eq!(get(&http, &url, Some("wrong")).await.0, 401, "unknown key");
+
+        let digest = Sha256::digest(plain.as_bytes());
+        let fingerprint = format!("sha256:{}", hex::encode(&digest[..4]));
+        let status = eventually(SERVED, "key status Ready", || async {
+            let s = key_status(&admin, &ns, "mobile").await?;
+            (condition(&s, "Ready")?.0 == "True").then_some(s)
+        })
+        .await;
+        assert_eq!(status["fingerprint"], fingerprint.as_str());
+        assert!(!status.to_string().contains(plain), "status never holds the key");
+
+        delete(&admin, "Secret", &ns, "mobile-key").await;
+        let deleted = Instant::now();
+        eventually(Duration::from_secs(1), "401 within 1 s of the Secret's deletion", || async {
+            (get(&http, &url, Some(plain)).await.0 == 401).then_some(())
+        })
+        .await;
+        println!("Secret deleted -> 401 after {:?}", deleted.elapsed());
+        eventually(SERVED, "key status SecretNotFound", || async {
+            let s = key_status(&admin, &ns, "mobile").await?;
+            (condition(&s, "Ready")? == ("False".into(), "SecretNotFound".into())).then_some(())
+        })
+        .await;
+        gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_objects_are_refused_by_the_api_server_with_a_clear_message() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "invalid").await;
+        let ok_backend = json!([{"url": "http://127.0.0.1:9"}]);
+        let cases = [
+            (
+                route(&ns, "r1", json!({"match": {"pathPrefix": "/a", "methods": ["post"]}, "backends": ok_backend})),
+                "methods are upper-case tokens such as GET or POST",
+            ),
+            (
+                route(&ns, "r2", json!({"match": {"pathPrefix": "/a"},
+                    "backends": [{"url": "http://127.0.0.1:9", "service": "chat", "port": 80}]})),
+                "a backend is either service and port, or url",
+            ),
+            (
+                route(&ns, "r3", json!({"match": {"pathPrefix": "/a"},
+                    "retry": {"attempts": 2, "retryOn": ["connect-fail"]}, "backends": ok_backend})),
+                "retryOn takes status codes 500-599 or connect-failure",
+            ),
+            (
+                route(&ns, "r4", json!({"hosts": ["API.example.com"], "match": {"pathPrefix": "/a"},
+                    "backends": ok_backend})),
+                "hosts must be lower-case DNS names",
+            ),
+            (
+                route(&ns, "r5", json!({"match": {"pathPrefix": "no-slash"}, "backends": ok_backend})),
+                "spec.match.pathPrefix",
+            ),
+            (
+                route(&ns, "r6", json!({"match": {"pathPrefix": "/a"}, "backends": []})),
+                "spec.backends",
+            ),
+            (
+                api_key(&ns, "k1", json!({"clientId": "c", "keyHash": format!("sha256:{}", "0".repeat(64)),
+                    "secretRef": {"name": "s", "key": "k"}})),
+                "set exactly one of secretRef and keyHash",
+            ),
+        ];
+        for (obj, message) in cases {
+            match try_create(&admin, &obj).await {
+                Ok(_) => panic!("the API server accepted {}", obj["metadata"]["name"]),
+                Err(kube::Error::Api(s)) => {
+                    assert_eq!(s.code, 422, "{}: {s:?}", obj["metadata"]["name"]);
+                    assert!(
+                        s.message.contains(message),
+                        "{}: message {:?} should say {message:?}",
+                        obj["metadata"]["name"],
+                        s.message
+                    );
+                }
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_routes_get_reasons_while_the_others_keep_serving() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "broken").await;
+        let backend = Echo::start("good").await;
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw"),
+        )
+        .await;
+        let http = http();
+        let good = format!("{}/good", base(&gw));
+        let spec = |prefix: &str| {
+            json!({"match": {"pathPrefix": prefix}, "auth": {"required": false},
+                   "backends": [{"url": backend.url()}]})
+        };
+        apply(&admin, route(&ns, "good", spec("/good"))).await;
+        eventually(SERVED, "the good route serves", || async {
+            (get(&http, &good, None).await.0 == 200).then_some(())
+        })
+        .await;
+        // Creation timestamps have second precision: the conflict must be strictly younger.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        apply(&admin, route(&ns, "conflict", spec("/good"))).await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "no-service",
+                json!({"match": {"pathPrefix": "/svc"},
+                "backends": [{"service": "does-not-exist", "port": 80}]}),
+            ),
+        )
+        .await;
+        let mut tls = spec("/tls");
+        tls["hosts"] = json!(["tls.example.test"]);
+        tls["tls"] = json!({"secretName": "missing-cert"});
+        apply(&admin, route(&ns, "no-secret", tls)).await;
+
+        for (name, type_, status, reason) in [
+            ("conflict", "Accepted", "False", "Conflicted"),
+            ("no-service", "ResolvedRefs", "False", "BackendNotFound"),
+            ("no-secret", "ResolvedRefs", "False", "SecretNotFound"),
+            ("good", "Accepted", "True", "Accepted"),
+        ] {
+            eventually(
+                SERVED,
+                &format!("{name}: {type_}={status} {reason}"),
+                || async {
+                    let s = route_status(&admin, &ns, name).await?;
+                    (condition(&s, type_)? == (status.into(), reason.into())).then_some(())
+                },
+            )
+            .await;
+        }
+        let s = route_status(&admin, &ns, "conflict").await.unwrap();
+        let msg = s["conditions"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            msg.contains(&format!("{ns}/good")),
+            "names the winner: {msg}"
+        );
+        for _ in 0..20 {
+            assert_eq!(
+                get(&http, &good, None).await,
+                (200, "good".into()),
+                "still served"
+            );
+        }
+        // The transitions are Kubernetes Events too.
+        let events = Api::<K8sEvent>::namespaced(admin.clone(), &ns);
+        eventually(SERVED, "a Warning event Conflicted", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("Conflicted")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.reporting_controller.as_deref() == Some("tollgate")
+                })
+                .then_some(())
+        })
+        .await;
+        gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_set_ready_counts_without_recompiling_routes() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "slices").await;
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw"),
+        )
+        .await;
+        let k8s = gw.kubernetes.clone().expect("the Kubernetes handle");
+        apply(
+            &admin,
+            route(&ns, "chat", json!({"match": {"pathPrefix": "/chat"},
+                "backends": [{"service": "chat", "port": 80}]})),
+        )
+        .await;
+        eventually(SERVED, "BackendNotFound before the Service exists", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "ResolvedRefs")?.1 == "BackendNotFound").then_some(())
+        })
+        .await;
+        apply(
+            &admin,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "chat", "namespace": ns},
+                   "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                                      {"name": "metrics", "port": 9090}]}}),
+        )
+        .await;
+        eventually(SERVED, "ResolvedRefs once the Service exists", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "ResolvedRefs")?.0 == "True").then_some(())
+        })
+        .await;
+        let slice = |second_ready: bool| {
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "chat-1", "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": "chat"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "port": 9100, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["192.0.2.1"], "conditions": {"ready": true}},
+                    {"addresses": ["192.0.2.2"], "conditions": {"ready": second_ready}},
+                    {"addresses": ["192.0.2.3"],
+                     "conditions": {"ready": false, "serving": true, "terminating": true}}]})
+        };
+        let key = (ns.clone(), "chat".to_string(), 80u16);
+        let compiles = k8s.compiles();
+        apply(&admin, slice(false)).await;
+        eventually(SERVED, "1 ready endpoint (not-ready and terminating left out)", || async {
+            (gw.slices.ready_count(&key) == 1).then_some(())
+        })
+        .await;
+        let metrics_key = (ns.clone(), "chat".to_string(), 9090u16);
+        assert_eq!(gw.slices.ready_count(&metrics_key), 1, "ports map by name");
+        apply(&admin, slice(true)).await;
+        eventually(SERVED, "2 ready endpoints", || async {
+            (gw.slices.ready_count(&key) == 2).then_some(())
+        })
+        .await;
+        eventually(SERVED, "status shows 2 ready endpoints", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (s["backends"] == json!([{"service": "chat", "readyEndpoints": 2}])).then_some(())
+        })
+        .await;
+        assert_eq!(k8s.compiles(), compiles, "endpoint changes never recompile routes");
+        // The route serves the slice's addresses: the snapshot's set is the one the slices fill.
+        let snap = gw.gateway.snapshot();
+        let set = snap.endpoints.get(format!("{ns}/chat:80").as_str()).expect("attached set");
+        let addrs: Vec<String> = set.load().endpoints().iter().map(|e| e.addr.to_string()).collect();
+        assert!(addrs.contains(&"192.0.2.1:8080".to_string()), "{addrs:?}");
+
+        delete(&admin, "EndpointSlice", &ns, "chat-1").await;
+        eventually(SERVED, "no endpoints once the slice is gone", || async {
+            (gw.slices.ready_count(&key) == 0).then_some(())
+        })
+        .await;
+        delete(&admin, "Service", &ns, "chat").await;
+        eventually(SERVED, "BackendNotFound again once the Service is gone", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "ResolvedRefs")?.1 == "BackendNotFound").then_some(())
+        })
+        .await;
+        gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_serve_and_exactly_one_writes_status() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "leader").await;
+        let backend = Echo::start("chat").await;
+        // Short lease times keep the failover part of this test quick.
+        let timing = LeaseTiming {
+            duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_secs(2),
+            renew_every: Duration::from_millis(500),
+            retry_every: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(2),
+        };
+        let mut opts_a = kube_options(&cp.admin_kubeconfig(), &ns, "gw-a");
+        opts_a.lease = timing;
+        let mut opts_b = kube_options(&cp.admin_kubeconfig(), &ns, "gw-b");
+        opts_b.lease = timing;
+        let a = gateway(&serve_options(), &opts_a).await;
+        let b = gateway(&serve_options(), &opts_b).await;
+        let (ka, kb) = (a.kubernetes.clone().unwrap(), b.kubernetes.clone().unwrap());
+        eventually(SERVED, "one leader", || async {
+            (ka.is_leader() != kb.is_leader()).then_some(())
+        })
+        .await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "chat",
+                json!({"match": {"pathPrefix": "/chat"}, "auth": {"required": false},
+                "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        let http = http();
+        for gw in [&a, &b] {
+            let url = format!("{}/chat", base(gw));
+            eventually(SERVED, "both replicas serve", || async {
+                (get(&http, &url, None).await.0 == 200).then_some(())
+            })
+            .await;
+        }
+        eventually(SERVED, "status written", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            condition(&s, "Accepted").map(|_| ())
+        })
+        .await;
+        // Give a second writer every chance to show itself.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(ka.is_leader() != kb.is_leader(), "exactly one leader");
+        let (leader, follower, leader_gw, follower_gw) = if ka.is_leader() {
+            (ka.clone(), kb.clone(), a, b)
+        } else {
+            (kb.clone(), ka.clone(), b, a)
+        };
+        assert!(leader.status_writes() >= 1, "the leader wrote status");
+        assert_eq!(
+            follower.status_writes(),
+            0,
+            "the follower never writes status"
+        );
+        let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get("tollgate")
+            .await
+            .unwrap();
+        assert_eq!(
+            lease.spec.and_then(|s| s.holder_identity).as_deref(),
+            Some(leader.identity())
+        );
+
+        // Failover: the leader goes away; the other takes the Lease and writes the next status.
+        leader_gw.shutdown().await;
+        eventually(
+            Duration::from_secs(10),
+            "the follower takes over",
+            || async { follower.is_leader().then_some(()) },
+        )
+        .await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "chat",
+                json!({"match": {"pathPrefix": "/chat2"}, "auth": {"required": false},
+                "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        eventually(SERVED, "the new leader writes status", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (s["observedGeneration"] == 2 && follower.status_writes() >= 1).then_some(())
+        })
+        .await;
+        follower_gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_certificates_come_from_secrets_and_reload_when_they_change() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "tls").await;
+        let backend = Echo::start("secure").await;
+        let mut serve = serve_options();
+        serve.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        let gw = gateway(&serve, &kube_options(&cp.admin_kubeconfig(), &ns, "gw")).await;
+        let host = "site.example.test";
+        let cert = |_: u8| {
+            let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+            (ck.cert.pem(), ck.signing_key.serialize_pem())
+        };
+        let (c1, c2) = (cert(1), cert(2));
+        let tls_secret = |c: &(String, String)| {
+            secret(
+                &ns,
+                "site-tls",
+                "kubernetes.io/tls",
+                json!({"tls.crt": c.0, "tls.key": c.1}),
+            )
+        };
+        apply(&admin, tls_secret(&c1)).await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "site",
+                json!({"hosts": [host], "match": {"pathPrefix": "/"},
+                "auth": {"required": false}, "tls": {"secretName": "site-tls"},
+                "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        let tls_addr = gw.tls_listen.expect("TLS listener");
+        let trusting = |pem: &str| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+                .resolve(host, tls_addr)
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap()
+        };
+        let url = format!("https://{host}:{}/", tls_addr.port());
+        let (t1, t2) = (trusting(&c1.0), trusting(&c2.0));
+        eventually(SERVED, "served with the first certificate", || async {
+            (get(&t1, &url, None).await == (200, "secure".into())).then_some(())
+        })
+        .await;
+        apply(&admin, tls_secret(&c2)).await;
+        eventually(
+            SERVED,
+            "the new certificate after the Secret changed",
+            || async { (get(&t2, &url, None).await.0 == 200).then_some(()) },
+        )
+        .await;
+        // A fresh client (no pooled connection from before): the old certificate is gone.
+        assert_eq!(
+            get(&trusting(&c1.0), &url, None).await.0,
+            0,
+            "the old certificate is gone"
+        );
+        gw.shutdown().await;
+    })
+    .await
+}
+
+/// Applies manifests/rbac/*.yaml as they are, binds the non-admin test identity to the
+/// ClusterRole and the leader-election Role, and runs the real `tollgate run` binary as it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_works_end_to_end_with_only_the_manifest_cluster_role() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "rbac").await;
+        let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/rbac");
+        for f in ["serviceaccount.yaml", "clusterrole.yaml", "leader-election.yaml"] {
+            cp.kubectl(&["apply", "-f", &format!("{rbac}/{f}")]).await;
+        }
+        let user = cp.var("USER_NAME").to_string();
+        apply(
+            &admin,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "tollgate-test-user"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "tollgate"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}),
+        )
+        .await;
+        apply(
+            &admin,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "tollgate-test-user", "namespace": "tollgate-system"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                            "name": "tollgate-leader-election"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}),
+        )
+        .await;
+        let backend = Echo::start("chat").await;
+        let plain = "tg-rbac-key-51a7";
+        apply(&admin, secret(&ns, "k", "Opaque", json!({"key": plain}))).await;
+        apply(&admin, api_key(&ns, "k", json!({"clientId": "rbac", "secretRef": {"name": "k", "key": "key"}}))).await;
+        apply(
+            &admin,
+            route(&ns, "chat", json!({"match": {"pathPrefix": "/chat"}, "backends": [{"url": backend.url()}]})),
+        )
+        .await;
+
+        let (port, admin_port) = (free_port(), free_port());
+        let lease = format!("rbac-{ns}");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "--kubeconfig"])
+            .arg(cp.user_kubeconfig())
+            .args(["--watch-namespace", &ns, "--lease-namespace", "tollgate-system"])
+            .args(["--lease-name", &lease])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tollgate run");
+        let _child = ChildGuard(child);
+        let http = http();
+        let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
+        eventually(Duration::from_secs(20), "/readyz", || async {
+            (get(&http, &readyz, None).await.0 == 200).then_some(())
+        })
+        .await;
+        let url = format!("http://127.0.0.1:{port}/chat");
+        eventually(SERVED, "the key works through the binary", || async {
+            (get(&http, &url, Some(plain)).await == (200, "chat".into())).then_some(())
+        })
+        .await;
+        eventually(SERVED, "route status written with the ClusterRole's patch", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "Accepted")?.0 == "True").then_some(())
+        })
+        .await;
+        eventually(SERVED, "key status written", || async {
+            let s = key_status(&admin, &ns, "k").await?;
+            (condition(&s, "Ready")?.0 == "True").then_some(())
+        })
+        .await;
+        let leases = Api::<Lease>::namespaced(admin.clone(), "tollgate-system");
+        eventually(SERVED, "the Lease is held", || async {
+            let l = leases.get_opt(&lease).await.ok()??;
+            l.spec?.holder_identity.map(|_| ())
+        })
+        .await;
+        let events = Api::<K8sEvent>::namespaced(admin.clone(), &ns);
+        eventually(SERVED, "Events published", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            (!list.items.is_empty()).then_some(())
+        })
+        .await;
+    })
+    .await
+}
+
+/// The namespaced variant: a Role in the watched namespace only (role-namespaced.yaml with its
+/// namespace and subject filled in) and the leader-election Role. Secrets elsewhere stay closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespaced_role_is_enough_for_watch_namespace() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "nsrole").await;
+        let user = format!("tollgate-ns-{ns}");
+        let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/rbac");
+        let manifest = std::fs::read_to_string(format!("{rbac}/role-namespaced.yaml")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut docs = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&manifest) {
+            let mut v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            v["metadata"]["namespace"] = json!(ns);
+            if v["kind"] == "RoleBinding" {
+                v["subjects"] = json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]);
+            }
+            docs.push(serde_yaml::to_string(&v).unwrap());
+        }
+        let file = dir.path().join("role.yaml");
+        std::fs::write(&file, docs.join("---\n")).unwrap();
+        cp.kubectl(&["apply", "-f", file.to_str().unwrap()]).await;
+        cp.kubectl(&["apply", "-f", &format!("{rbac}/serviceaccount.yaml")]).await;
+        cp.kubectl(&["apply", "-f", &format!("{rbac}/leader-election.yaml")]).await;
+        apply(
+            &admin,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": user, "namespace": "tollgate-system"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                            "name": "tollgate-leader-election"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}),
+        )
+        .await;
+        let kubeconfig = cp.impersonating(&user);
+        let as_user = client_for(&kubeconfig).await;
+        let denied = Api::<Secret>::namespaced(as_user.clone(), "default")
+            .list(&ListParams::default())
+            .await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
+            "Secrets outside the watched namespace are closed: {denied:?}"
+        );
+
+        let backend = Echo::start("chat").await;
+        let mut opts = kube_options(&kubeconfig, &ns, "gw");
+        opts.lease_namespace = "tollgate-system".into();
+        opts.lease_name = format!("ns-{ns}");
+        let gw = gateway(&serve_options(), &opts).await;
+        apply(
+            &admin,
+            route(&ns, "chat", json!({"match": {"pathPrefix": "/chat"}, "auth": {"required": false},
+                "backends": [{"url": backend.url()}]})),
+        )
+        .await;
+        let http = http();
+        let url = format!("{}/chat", base(&gw));
+        eventually(SERVED, "served", || async {
+            (get(&http, &url, None).await.0 == 200).then_some(())
+        })
+        .await;
+        eventually(SERVED, "status written", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "Accepted")?.0 == "True").then_some(())
+        })
+        .await;
+        // Without --watch-namespace the same identity is refused at start, with the reason.
+        let mut all = opts.clone();
+        all.watch_namespaces.clear();
+        let err = match tollgate::app::start_kubernetes(&serve_options(), &all).await {
+            Ok(_) => panic!("cluster-wide start must be refused without a ClusterRole"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("not allowed to list"), "{err}");
+        gw.shutdown().await;
+    })
+    .await
+}
+
+/// P6: `apply` of a new AgentRoute until its first 200 through the gateway, 50 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_to_traffic_latency_p50_p99() {
+    bounded(Duration::from_secs(120), async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "latency").await;
+        let backend = Echo::start("lat").await;
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw"),
+        )
+        .await;
+        let http = http();
+        let mut samples = Vec::new();
+        for i in 0..50 {
+            let url = format!("{}/lat/{i}", base(&gw));
+            let started = Instant::now();
+            apply(
+                &admin,
+                route(
+                    &ns,
+                    &format!("lat-{i}"),
+                    json!({"match": {"pathPrefix": format!("/lat/{i}")},
+                    "auth": {"required": false}, "backends": [{"url": backend.url()}]}),
+                ),
+            )
+            .await;
+            loop {
+                if get(&http, &url, None).await.0 == 200 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < SERVED,
+                    "change {i} not served within {SERVED:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        let (p50, p99, max) = (
+            percentile(&samples, 50.0),
+            percentile(&samples, 99.0),
+            samples[49],
+        );
+        let line = format!(
+            "P6 change-to-traffic (kubernetes, apply -> first 200, n=50, debounce 50ms): \
+             p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+        println!("{line}");
+        let out = concat!(env!("CARGO_MANIFEST_DIR"), "/target/p6-kubernetes.txt");
+        let _ = std::fs::write(out, format!("{line}\n"));
+        gw.shutdown().await;
+    })
+    .await
+}
+
+/// Missing CRDs refuse the start with the fix in the message; then R4 on a control plane of
+/// its own: kube-apiserver stopped for 30 s under steady load -> no failed request; when it is
+/// back, the watches resume and a newly applied route is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_crds_start_is_refused_and_an_api_server_outage_fails_no_request() {
+    bounded(Duration::from_secs(180), async {
+        let cp = tokio::task::spawn_blocking(|| ControlPlane::start("outage", false))
+            .await
+            .unwrap();
+        struct Stop<'a>(&'a ControlPlane);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.stop();
+            }
+        }
+        let _stop = Stop(&cp);
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "outage").await;
+        let opts = kube_options(&cp.admin_kubeconfig(), &ns, "gw");
+
+        // 1. No CRDs: a clear refusal, both in-process and from the binary.
+        let err = match tollgate::app::start_kubernetes(&serve_options(), &opts).await {
+            Ok(_) => panic!("started without CRDs"),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(
+            err,
+            "the AgentRoute/AgentApiKey CRDs are not installed: kubectl apply -f crds/"
+        );
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "--kubeconfig"])
+            .arg(cp.admin_kubeconfig())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("CRDs are not installed: kubectl apply -f crds/"), "{stderr}");
+        cp.kubectl(&["apply", "--server-side", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds")])
+            .await;
+        cp.kubectl(&["wait", "--for=condition=Established", "--timeout=60s",
+                     "crd/agentroutes.tollgate.dev", "crd/agentapikeys.tollgate.dev"])
+            .await;
+
+        // 2. R4.
+        let backend = Echo::start("steady").await;
+        let gw = gateway(&serve_options(), &opts).await;
+        let spec = |prefix: &str| {
+            json!({"match": {"pathPrefix": prefix}, "auth": {"required": false},
+                   "backends": [{"url": backend.url()}]})
+        };
+        apply(&admin, route(&ns, "steady", spec("/steady"))).await;
+        let http = http();
+        let url = format!("{}/steady", base(&gw));
+        eventually(SERVED, "served before the outage", || async {
+            (get(&http, &url, None).await.0 == 200).then_some(())
+        })
+        .await;
+
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = Vec::new();
+        for _ in 0..4 {
+            let (http, url, ok, failed, stop) =
+                (http.clone(), url.clone(), ok.clone(), failed.clone(), stop.clone());
+            load.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match get(&http, &url, None).await.0 {
+                        200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopped = tokio::task::spawn_blocking({
+            let dir = cp.dir.clone();
+            let env = cp.env.clone();
+            move || ControlPlane { dir, env }.kill_apiserver()
+        })
+        .await
+        .unwrap();
+        let down_at = Instant::now();
+        let readyz = format!("http://{}/readyz", gw.admin_listen);
+        while down_at.elapsed() < Duration::from_secs(30) {
+            assert_eq!(get(&http, &readyz, None).await.0, 200, "/readyz stays true");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let during = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+        stopped.restart();
+        eventually(Duration::from_secs(60), "the API server is back", || async {
+            admin.apiserver_version().await.ok().map(|_| ())
+        })
+        .await;
+        let back_at = Instant::now();
+        let after_route = route(&ns, "after", spec("/after"));
+        eventually(Duration::from_secs(30), "the API server takes writes again", || async {
+            try_apply(&admin, &after_route).await.ok().map(|_| ())
+        })
+        .await;
+        let after = format!("{}/after", base(&gw));
+        eventually(Duration::from_secs(40), "a route applied after the outage is served", || async {
+            (get(&http, &after, None).await.0 == 200).then_some(())
+        })
+        .await;
+        let resumed = back_at.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for l in load {
+            let _ = l.await;
+        }
+        let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+        println!(
+            "R4: API server down 30 s under load: {} ok / {} failed during the outage; \
+             {ok} ok / {failed} failed in all; new route served {:.1} s after the API server returned",
+            during.0,
+            during.1,
+            resumed.as_secs_f64()
+        );
+        assert_eq!(failed, 0, "no request failed");
+        assert!(during.0 > 1000, "load ran through the outage: {during:?}");
+        gw.shutdown().await;
+    })
+    .await
+}
