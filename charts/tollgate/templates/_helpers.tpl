@@ -56,22 +56,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 The rules the gateway needs wherever it watches routes: the cluster (ClusterRole) or each
-watched namespace (Role). manifests/rbac/ must grant the same (tests/install.rs checks).
+watched namespace (Role). Only what `tollgate run` uses: list/watch (reflectors; list also
+answers the start-up CRD check), a merge patch to /status, Events through events.k8s.io.
+manifests/rbac/ grants the same; tests/install.rs fails if the two differ.
 */}}
 {{- define "tollgate.watchRules" -}}
 - apiGroups: [tollgate.dev]
   resources: [agentroutes, agentapikeys]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [tollgate.dev]
   resources: [agentroutes/status, agentapikeys/status]
-  verbs: [patch, update]
+  verbs: [patch]
 - apiGroups: [""]
   resources: [secrets, services]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
-  verbs: [get, list, watch]
-- apiGroups: ["", events.k8s.io]
+  verbs: [list, watch]
+- apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
 {{- end }}
