@@ -8,6 +8,8 @@
 //!   segment can never hide a separator;
 //! - runs of `/` collapse into one;
 //! - `.` and `..` segments are resolved (RFC 3986 §5.2.4); `..` above the root is refused;
+//! - a `.` or `..` segment carrying `;parameters` (`..;x`, `..%3B`) is refused: servlet-style
+//!   backends strip the parameters and would resolve it, the matcher would not;
 //! - a raw `\`, control character or space is refused.
 //!
 //! Because the matcher and the backend see the same bytes, no encoding reaches a route other than
@@ -30,6 +32,10 @@ pub enum PathError {
     /// A backslash, control character or space.
     #[error("path holds a forbidden character")]
     BadCharacter,
+    /// A `.` or `..` segment with `;` parameters, which some backends read as the bare dot
+    /// segment.
+    #[error("path holds a dot segment with parameters")]
+    DotSegmentParams,
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -62,10 +68,10 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 let next2 = bytes.get(i + 2).copied();
                 let next3 = bytes.get(i + 3).copied();
                 if next == Some(b'/')
-                    || (next == Some(b'.') && matches!(next2, None | Some(b'/')))
+                    || (next == Some(b'.') && matches!(next2, None | Some(b'/' | b';')))
                     || (next == Some(b'.')
                         && next2 == Some(b'.')
-                        && matches!(next3, None | Some(b'/')))
+                        && matches!(next3, None | Some(b'/' | b';')))
                 {
                     needs_work = true;
                 }
@@ -114,6 +120,11 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     let mut segments: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
+        // `..;x` is `..` to a backend that strips path parameters (`;` raw or escaped).
+        let bare = seg.split(';').next().and_then(|s| s.split("%3B").next());
+        if matches!(bare, Some("." | "..")) && bare != Some(seg) {
+            return Err(PathError::DotSegmentParams);
+        }
         match seg {
             "" | "." => {}
             ".." => {
@@ -172,6 +183,22 @@ mod tests {
         assert_eq!(n("/api%00"), Err(PathError::BadEscape));
         assert_eq!(n("/api%zz"), Err(PathError::BadEscape));
         assert_eq!(n("/api%4"), Err(PathError::BadEscape));
+    }
+
+    #[test]
+    fn refuses_dot_segments_with_parameters() {
+        assert_eq!(
+            n("/api/v1/chat/..;/tools"),
+            Err(PathError::DotSegmentParams)
+        );
+        assert_eq!(n("/a/..;x"), Err(PathError::DotSegmentParams));
+        assert_eq!(n("/a/.;x/b"), Err(PathError::DotSegmentParams));
+        assert_eq!(n("/a/..%3b/b"), Err(PathError::DotSegmentParams));
+        assert_eq!(n("/a/%2e%2e%3B/b"), Err(PathError::DotSegmentParams));
+        // Parameters on ordinary segments stay part of the segment.
+        assert_eq!(n("/api/v1/tools;x"), Ok("/api/v1/tools;x".into()));
+        assert_eq!(n("/a;x/../b"), Ok("/b".into()));
+        assert_eq!(n("/a/...;x"), Ok("/a/...;x".into()));
     }
 
     #[test]

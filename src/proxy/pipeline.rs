@@ -123,7 +123,9 @@ pub fn error_response(e: &ProxyError, request_id: &HeaderValue) -> Response<Prox
     resp
 }
 
-fn host_of(parts: &http::request::Parts) -> Cow<'_, str> {
+/// The request's host, lower-case, without userinfo, port or trailing dot (absolute-form URI
+/// first, else `Host`); empty when there is none.
+pub fn host_of(parts: &http::request::Parts) -> Cow<'_, str> {
     let raw = parts
         .uri
         .authority()
@@ -150,15 +152,20 @@ fn host_of(parts: &http::request::Parts) -> Cow<'_, str> {
     }
 }
 
+/// `Allow` of a route that names no methods, when CONNECT is refused.
+const ALL_BUT_CONNECT: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE";
+
 /// Where the presented key came from (the carrier is removed before forwarding).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum KeyCarrier {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyCarrier {
     Header,
     Bearer,
     Query,
 }
 
-fn extract_key(
+/// The presented API key and its carrier: `X-API-Key`, else `Authorization: Bearer`, else (on a
+/// WebSocket handshake only) the `api_key` query parameter, percent-decoded.
+pub fn extract_key(
     parts: &http::request::Parts,
     websocket: bool,
 ) -> Option<(Cow<'_, [u8]>, KeyCarrier)> {
@@ -183,13 +190,18 @@ fn extract_key(
 }
 
 fn percent_decode(s: &str) -> Vec<u8> {
+    // Byte-wise: the query may hold UTF-8, so slicing the `str` at `i + 3` could split a char.
     let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 1 && i + 3 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                out.push((h * 16 + l) as u8);
                 i += 3;
                 continue;
             }
@@ -401,6 +413,12 @@ async fn serve(
     let (mut parts, body) = req.into_parts();
     let mut body = ProxyBody::incoming(body);
     let path = path::normalize(parts.uri.path()).map_err(|_| ProxyError::BadRequest)?;
+    // RFC 9112 §3.2: an HTTP/1.1 request with no Host, or more than one, is a 400, so host-based
+    // routing never has to guess which Host was meant.
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+        return Err(ProxyError::BadRequest);
+    }
     let host = host_of(&parts).into_owned();
 
     // CORS preflight matches as the method it announces.
@@ -448,6 +466,17 @@ async fn serve(
         }
     };
     outcome.route = Some(route.id.clone());
+    // CONNECT asks for a tunnel, which a reverse proxy never opens (even on a route admitting
+    // every method): 405 with what the route does allow.
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(
+            route
+                .methods
+                .allow
+                .clone()
+                .unwrap_or_else(|| HeaderValue::from_static(ALL_BUT_CONNECT)),
+        ));
+    }
 
     // 2. CORS preflight: answered here, never forwarded.
     let origin = parts.headers.get(header::ORIGIN).cloned();
@@ -652,17 +681,34 @@ async fn serve(
         };
         match sent {
             Err(e) => {
+                // A client's bad or oversized body is no fault of the endpoint: counting it
+                // would let a client eject healthy endpoints with a few broken uploads.
+                let client_fault =
+                    matches!(e, ProxyError::BadRequest | ProxyError::PayloadTooLarge);
                 outcome_label(match e {
                     ProxyError::ConnectFailed => "connect_failure",
                     ProxyError::Timeout => "timeout",
+                    _ if client_fault => "client_error",
                     _ => "error",
                 });
-                guard.endpoint.failure(match e {
-                    ProxyError::ConnectFailed => FailureKind::Connect,
-                    ProxyError::Timeout => FailureKind::Timeout,
-                    _ => FailureKind::ServerError,
-                });
-                let retry = e == ProxyError::ConnectFailed && route.retry.on_connect_failure;
+                if !client_fault {
+                    guard.endpoint.failure(match e {
+                        ProxyError::ConnectFailed => FailureKind::Connect,
+                        ProxyError::Timeout => FailureKind::Timeout,
+                        _ => FailureKind::ServerError,
+                    });
+                }
+                // `connect-failure` covers every connection that failed before a response:
+                // one that could not be opened (nothing was sent: any method), and one that
+                // broke before the response head, like an endpoint killed mid-request (it may
+                // have acted on the request: only methods safe to repeat, RFC 9110 §9.2.2, as
+                // nginx's `proxy_next_upstream error` does). R3: no client error for those.
+                let retry = route.retry.on_connect_failure
+                    && match e {
+                        ProxyError::ConnectFailed => true,
+                        ProxyError::UpstreamFailed => parts.method.is_idempotent(),
+                        _ => false,
+                    };
                 last_err = e;
                 if retry && attempt < attempts {
                     continue;
@@ -839,7 +885,11 @@ impl BodyTap for UsageTap {
                     Some(&self.route),
                     u.completion_tokens,
                 );
-                let total = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
+                // Upstream-reported numbers: saturate rather than overflow (a wrapped sum would
+                // undercharge the budget).
+                let total = u
+                    .total_tokens
+                    .max(u.prompt_tokens.saturating_add(u.completion_tokens));
                 reservation.settle(total);
             }
             // No usage reported (an error, a client gone mid-stream): the reservation stands.

@@ -100,11 +100,15 @@ impl Upstream {
             if e.is_connect() {
                 tracing::debug!(error = %e, "upstream connect failed");
                 ProxyError::ConnectFailed
-            } else if request_body_too_large(&e) {
-                // A body without Content-Length crossed `max_body_bytes` while streaming: the
-                // client's fault (413), not the upstream's (502).
-                tracing::debug!("request body exceeded the size limit while streaming");
-                ProxyError::PayloadTooLarge
+            } else if let Some(body_err) = request_body_error(&e) {
+                // The client's body failed while streaming upstream: its fault, not the
+                // upstream's (502). Over `max_body_bytes` without a Content-Length: 413; badly
+                // framed (a chunk size that is not hex) or cut short: 400.
+                tracing::debug!(error = %body_err, "request body failed while streaming");
+                match body_err {
+                    super::body::BodyError::TooLarge => ProxyError::PayloadTooLarge,
+                    _ => ProxyError::BadRequest,
+                }
             } else {
                 tracing::debug!(error = %e, "upstream request failed");
                 ProxyError::UpstreamFailed
@@ -113,18 +117,17 @@ impl Upstream {
     }
 }
 
-/// Whether a failed send was caused by the request body's size limit (`BodyError::TooLarge`
-/// somewhere in the error's source chain).
-fn request_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The request body's own failure behind a failed send (a `BodyError` somewhere in the error's
+/// source chain), if that is what it was.
+fn request_body_error<'e>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e super::body::BodyError> {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if matches!(
-            err.downcast_ref::<super::body::BodyError>(),
-            Some(super::body::BodyError::TooLarge)
-        ) {
-            return true;
+        if let Some(b) = err.downcast_ref::<super::body::BodyError>() {
+            return Some(b);
         }
         cur = err.source();
     }
-    false
+    None
 }

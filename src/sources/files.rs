@@ -157,6 +157,16 @@ impl FileSource {
     }
 }
 
+/// Parses the text of one configuration file into a `Store`, exactly as `standalone` reads each
+/// file (multi-document YAML of AgentRoute, AgentApiKey and Secret). For tools and fuzzing.
+pub fn parse_str(text: &str) -> Result<Store, String> {
+    let mut source = FileSource::new(PathBuf::new());
+    source
+        .last_good
+        .insert(PathBuf::from("<text>"), parse(text)?);
+    Ok(source.store())
+}
+
 fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
     ObjectKey::new(
         m.namespace.clone().unwrap_or_else(|| "default".into()),
