@@ -25,8 +25,32 @@ pub const DEFAULT_GATEWAY_CLASS: &str = "tollgate";
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for crd in [AgentRoute::crd(), AgentApiKey::crd()] {
+        let mut value = serde_json::to_value(&crd)
+            .map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+        strip_rust_formats(&mut value);
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        out.push_str(&serde_yaml::to_string(&value)?);
     }
     Ok(out)
+}
+
+/// schemars marks Rust integer widths as `format: uint16/uint32/uint64`, which the API server
+/// does not know and warns about on every apply; the `minimum`/`maximum` bounds stay.
+fn strip_rust_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let rust_format = map
+                .get("format")
+                .and_then(|f| f.as_str())
+                .is_some_and(|f| matches!(f, "uint8" | "uint16" | "uint32" | "uint64" | "uint"));
+            if rust_format {
+                map.remove("format");
+            }
+            for child in map.values_mut() {
+                strip_rust_formats(child);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_rust_formats),
+        _ => {}
+    }
 }
