@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub dns: DnsConfig,
     /// Shared limits across replicas (`redis://host:port[/db]`); local limits when unset.
     pub redis_url: Option<String>,
+    /// Longest wait for a Redis decision before answering from local limits.
+    pub redis_timeout: Duration,
     /// The external auth service asked about unknown keys (`--ext-auth-url`); off when unset.
     pub ext_auth: Option<ExtAuthConfig>,
 }
@@ -63,6 +65,7 @@ impl ServeOptions {
             discovery: DiscoveryMode::Dns,
             dns: DnsConfig::default(),
             redis_url: None,
+            redis_timeout: crate::ratelimit::redis::DEFAULT_CALL_TIMEOUT,
             ext_auth: None,
         }
     }
@@ -177,7 +180,11 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     let upstream = Upstream::new(&opts.upstream)?;
     let redis = match &opts.redis_url {
         Some(url) => {
-            let r = RedisLimiter::connect(RedisConfig::new(url.clone())).await?;
+            let config = RedisConfig {
+                call_timeout: opts.redis_timeout,
+                ..RedisConfig::new(url.clone())
+            };
+            let r = RedisLimiter::connect(config).await?;
             r.set_fallback_counter(metrics.ratelimit_fallbacks_total.clone());
             Some(r)
         }

@@ -117,6 +117,10 @@ struct Common {
     /// is unreachable, limits fall back to each replica's own (logged and counted).
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     redis_url: Option<String>,
+    /// Longest wait for a shared-limit decision from Redis; a slower answer is replaced by this
+    /// replica's local limits (counted in tollgate_ratelimit_fallbacks_total).
+    #[arg(long, default_value = "50ms", value_parser = parse_dur, env = "TOLLGATE_REDIS_TIMEOUT")]
+    redis_timeout: Duration,
     /// External auth service for keys the gateway does not know: the key is sent as
     /// `POST {"api_key": "..."}`; a 200 `{"client_id", "roles"}` admits it (on any route whose
     /// roles match, with --default-rpm limits), 401/403 refuses it; when the service is down,
@@ -224,6 +228,7 @@ impl Common {
             },
             metrics_per_client: self.metrics_per_client,
             redis_url: self.redis_url.clone(),
+            redis_timeout: self.redis_timeout,
             ext_auth: self.ext_auth_url.as_ref().map(|url| ExtAuthConfig {
                 ttl: self.ext_auth_ttl,
                 failure_ttl: self.ext_auth_failure_ttl,

@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 
 use tollgate::app::{Running, ServeOptions};
 
+pub mod process;
+
 /// Every test finishes within this, or fails saying so.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 
