@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,16 +123,18 @@ fn spawn_connection(
             tls: acceptor.is_some(),
         };
         let svc_gw = gw.clone();
+        let first_request = Arc::new(AtomicBool::new(false));
+        let seen = first_request.clone();
         let svc = service_fn(move |req| {
+            seen.store(true, Ordering::Release);
             let gw = svc_gw.clone();
             async move { Ok::<_, Infallible>(handle(gw, req, info).await) }
         });
         match acceptor {
             None => {
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+                let conn = watcher.watch(conn.into_owned());
+                serve_bounded(conn, hs_timeout, &first_request).await;
             }
             Some(acceptor) => {
                 let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
@@ -143,10 +146,39 @@ fn spawn_connection(
                     Err(_) => return,
                 };
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+                let conn = watcher.watch(conn.into_owned());
+                serve_bounded(conn, hs_timeout, &first_request).await;
             }
         }
     });
+}
+
+/// Drives a connection, closing it if no request has arrived within `first_request_within`.
+///
+/// hyper's `header_read_timeout` starts only once hyper-util has told HTTP/1 from the HTTP/2
+/// preface, and that detection has no deadline of its own: a client trickling the 24-byte
+/// preface (or sending nothing after a TLS handshake, or opening HTTP/2 and never a stream)
+/// would hold the connection as long as it liked. Once a request has arrived, hyper's own
+/// timeouts and the graceful drain govern the connection.
+async fn serve_bounded<F, E>(conn: F, first_request_within: Duration, first_request: &AtomicBool)
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = &mut conn => Some(r),
+        () = tokio::time::sleep(first_request_within) => None,
+    };
+    let result = match ended {
+        Some(r) => r,
+        None if first_request.load(Ordering::Acquire) => conn.await,
+        None => {
+            tracing::debug!("no request within the header read timeout; closing the connection");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
