@@ -156,7 +156,7 @@ async fn try_once(
                 observer.observe(created.metadata.resource_version.as_deref(), Instant::now());
                 Ok(true)
             }
-            Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => Ok(false),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
         };
     };
@@ -188,7 +188,7 @@ async fn try_once(
             observer.observe(updated.metadata.resource_version.as_deref(), Instant::now());
             Ok(true)
         }
-        Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -249,7 +249,8 @@ pub async fn run(
             tracing::warn!("lost leadership: the lease could not be renewed in time");
         }
         leading = now_leading;
-        let pause = if now_leading {
+        // While the API server is away, ask no more often than a holder renews.
+        let pause = if now_leading || failing {
             timing.renew_every
         } else {
             timing.retry_every

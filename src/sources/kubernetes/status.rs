@@ -336,7 +336,7 @@ async fn write(client: &Client, job: &Job) -> Outcome {
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
         Ok(Ok(())) => Outcome::Written,
-        Ok(Err(kube::Error::Api(s))) if s.is_not_found() => Outcome::Gone,
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => Outcome::Gone,
         Ok(Err(e)) => {
             tracing::warn!(kind = job.kind, object = %job.key, error = %e, "status write failed");
             Outcome::Failed
