@@ -419,7 +419,8 @@ async fn serve(
     if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
         return Err(ProxyError::BadRequest);
     }
-    let host = host_of(&parts).into_owned();
+    // Borrowed: its last use is before the headers are rewritten for the upstream.
+    let host = host_of(&parts);
 
     // CORS preflight matches as the method it announces.
     let preflight = parts.method == Method::OPTIONS
@@ -492,10 +493,15 @@ async fn serve(
     let (caller, carrier) = authenticate(gw, snap, &route, &parts, websocket && is_upgrade).await?;
     outcome.client = caller.as_ref().map(|c| c.key.client_id.clone());
 
-    // 5. Request limits, then 6. token budgets.
+    // 5. Request limits, then 6. token budgets. An anonymous caller is limited by address, and
+    // only limits read `client`: no formatting (or allocation) for a route without any.
     let client: Cow<'_, str> = match &caller {
         Some(c) => Cow::Borrowed(&*c.key.client_id),
-        None => Cow::Owned(format!("ip:{}", conn.remote.ip())),
+        None if route.rate_limit.is_some() => Cow::Owned(format!(
+            "ip:{}",
+            headers::IpText::new(conn.remote.ip()).as_str()
+        )),
+        None => Cow::Borrowed(""),
     };
     let rate_headers = check_request_limits(gw, &route, caller.as_ref(), &client).await?;
     check_content_length(&parts.headers, gw.options.max_body_bytes)?;
@@ -557,6 +563,15 @@ async fn serve(
         }
     }
 
+    // The host as the client sent it, port included (what Envoy and nginx's $http_host pass).
+    // Read before the headers change below (none of those changes touches Host).
+    let sent_host = parts
+        .uri
+        .authority()
+        .map(|a| HeaderValue::from_str(a.as_str()).ok())
+        .unwrap_or_else(|| parts.headers.get(header::HOST).cloned())
+        .or_else(|| HeaderValue::from_str(&host).ok());
+
     // Request headers toward the upstream.
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, websocket && is_upgrade);
@@ -584,13 +599,7 @@ async fn serve(
         &headers::X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    // The host as the client sent it, port included (what Envoy and nginx's $http_host pass).
-    let sent_host = parts
-        .uri
-        .authority()
-        .map(|a| HeaderValue::from_str(a.as_str()).ok())
-        .unwrap_or_else(|| parts.headers.get(header::HOST).cloned());
-    if let Some(v) = sent_host.or_else(|| HeaderValue::from_str(&host).ok()) {
+    if let Some(v) = sent_host {
         if !v.is_empty() {
             parts.headers.insert(&headers::X_FORWARDED_HOST, v);
         }
@@ -637,6 +646,7 @@ async fn serve(
 
     let deadline = route.timeouts.request.map(|d| started + d);
     let mut last_err = ProxyError::UpstreamFailed;
+    // Only filled when another attempt may follow (no allocation for a single attempt).
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 1..=attempts {
         if attempt > 1 && !route.retry.backoff.is_zero() {
@@ -654,11 +664,18 @@ async fn serve(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
-        *up.headers_mut() = parts.headers.clone();
+        // The last attempt takes the headers; only an attempt that may be retried copies them.
+        *up.headers_mut() = if attempt == attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         up.headers_mut()
             .insert(header::HOST, backend.authority.clone());
         let guard = picked.guard;
-        tried.push(guard.endpoint.addr());
+        if attempt < attempts {
+            tried.push(guard.endpoint.addr());
+        }
 
         let wait = match (route.timeouts.first_byte, deadline) {
             (Some(fb), Some(dl)) => Some((tokio::time::Instant::now() + fb).min(dl)),
@@ -995,7 +1012,7 @@ pub struct Picked<'a> {
     pub backend: &'a CompiledBackend,
     /// Where to connect: the endpoint address, or the host name for `https` url backends
     /// (their certificate is checked against it).
-    pub connect: Cow<'a, str>,
+    pub connect: Connect,
     pub https: bool,
     pub guard: UpstreamGuard,
 }
@@ -1052,8 +1069,8 @@ pub fn pick_upstream<'a>(
             host,
             port,
             ..
-        } => (Cow::Owned(format!("{host}:{port}")), true),
-        _ => (Cow::Owned(addr.to_string()), false),
+        } => (Connect::Name(format!("{host}:{port}")), true),
+        _ => (Connect::Addr(addr), false),
     };
     Ok(Picked {
         backend,
@@ -1066,6 +1083,40 @@ pub fn pick_upstream<'a>(
     })
 }
 
+/// The authority an attempt connects to.
+pub enum Connect {
+    /// An endpoint address (written into the URI without `fmt`: see `push_socket_addr`).
+    Addr(SocketAddr),
+    /// `host:port` of an `https` url backend.
+    Name(String),
+}
+
+/// Appends `addr` as a URI authority, exactly as its `Display` would (`1.2.3.4:80`, `[::1]:80`).
+fn push_socket_addr(s: &mut String, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            s.push_str(headers::IpText::new((*a.ip()).into()).as_str());
+            s.push(':');
+            let mut digits = [0u8; 5];
+            let mut n = a.port();
+            let mut i = digits.len();
+            loop {
+                i -= 1;
+                digits[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            s.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+        }
+        SocketAddr::V6(_) => {
+            use std::fmt::Write;
+            let _ = write!(s, "{addr}");
+        }
+    }
+}
+
 fn upstream_uri(picked: &Picked<'_>, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let scheme = if picked.https { "https" } else { "http" };
     let base = match &picked.backend.target {
@@ -1075,14 +1126,17 @@ fn upstream_uri(picked: &Picked<'_>, path: &str, query: Option<&str>) -> Result<
     let mut s = String::with_capacity(
         scheme.len()
             + 3
-            + picked.connect.len()
+            + 47 // the longest "[v6]:port"
             + base.len()
             + path.len()
             + query.map_or(0, |q| q.len() + 1),
     );
     s.push_str(scheme);
     s.push_str("://");
-    s.push_str(&picked.connect);
+    match &picked.connect {
+        Connect::Addr(a) => push_socket_addr(&mut s, *a),
+        Connect::Name(n) => s.push_str(n),
+    }
     s.push_str(base);
     s.push_str(path);
     if let Some(q) = query {
@@ -1090,4 +1144,26 @@ fn upstream_uri(picked: &Picked<'_>, path: &str, query: Option<&str>) -> Result<
         s.push_str(q);
     }
     Uri::try_from(s).map_err(|_| ProxyError::BadRequest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addrs_are_written_as_display_writes_them() {
+        for a in [
+            "127.0.0.1:80",
+            "10.0.0.1:0",
+            "255.255.255.255:65535",
+            "1.2.3.4:8080",
+            "[::1]:443",
+            "[2001:db8::1]:9",
+        ] {
+            let addr: SocketAddr = a.parse().unwrap();
+            let mut s = String::new();
+            push_socket_addr(&mut s, addr);
+            assert_eq!(s, addr.to_string());
+        }
+    }
 }
