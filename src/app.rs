@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -259,6 +259,10 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
     let background = vec![
         tokio::spawn(crate::telemetry::admin::serve(gw.clone(), admin)),
         sweeper,
+        tokio::spawn(report_endpoints_ready_every(
+            gw.clone(),
+            ENDPOINTS_READY_INTERVAL,
+        )),
     ];
     tracing::info!(%listen, ?tls_listen, %admin_listen, "gateway listening");
     Ok(Running {
@@ -304,6 +308,52 @@ pub fn attach_endpoints(snap: &mut Snapshot, resolver: &Resolver) {
     snap.problems.extend(problems);
 }
 
+/// How often `tollgate_endpoints_ready` is refreshed. Discovery swaps endpoint sets without a
+/// snapshot swap (a DNS answer, an EndpointSlice), so the gauge needs a periodic pass besides
+/// the one after each swap. 2 s: fresher than any realistic scrape interval, and one pass costs
+/// a map walk and an atomic load per backend.
+pub const ENDPOINTS_READY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Sets `tollgate_endpoints_ready{backend}` to the ready (not terminating) endpoint count of
+/// every backend in the current snapshot, and removes the series of backends it no longer has.
+pub fn report_endpoints_ready(gw: &Gateway) {
+    use prometheus::core::Collector;
+    // Calls are serialised and each reads the snapshot inside the lock, so the last call to run
+    // always reflects the newest snapshot (a periodic pass holding an older one cannot undo
+    // the pass made right after a swap).
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let snap = gw.snapshot();
+    let gauge = &gw.metrics.endpoints_ready;
+    for (backend, set) in &snap.endpoints {
+        let ready = i64::try_from(set.load().ready_count()).unwrap_or(i64::MAX);
+        gauge.with_label_values(&[&**backend]).set(ready);
+    }
+    let gone: Vec<String> = gauge
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .filter_map(|m| m.get_label().iter().find(|l| l.name() == "backend"))
+        .map(|l| l.value())
+        .filter(|backend| !snap.endpoints.contains_key(*backend))
+        .map(str::to_owned)
+        .collect();
+    for backend in gone {
+        // Err only when the series is already gone: nothing to do.
+        let _ = gauge.remove_label_values(&[&backend]);
+    }
+}
+
+/// Runs [`report_endpoints_ready`] every `every` for as long as the gateway runs.
+async fn report_endpoints_ready_every(gw: Arc<Gateway>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        report_endpoints_ready(&gw);
+    }
+}
+
 /// Loads the files, compiles, swaps; logs and counts the outcome.
 pub fn reload_files(
     gw: &Gateway,
@@ -339,6 +389,7 @@ pub fn reload_files(
         "configuration loaded"
     );
     gw.swap(snap);
+    report_endpoints_ready(gw);
 }
 
 /// `standalone`: the gateway fed from YAML files, reloaded on change.
@@ -382,6 +433,7 @@ pub fn reload_store(gw: &Gateway, resolver: &Resolver, store: &Store, opts: &Ser
         "configuration compiled"
     );
     gw.swap(snap);
+    report_endpoints_ready(gw);
 }
 
 /// `run`: the gateway fed by Kubernetes watches. Refuses to start without the CRDs; `/readyz`

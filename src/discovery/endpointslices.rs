@@ -85,3 +85,135 @@ impl SliceEndpoints {
         sets.get(key).map_or(0, |s| s.load().ready_count())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::LbPolicy;
+
+    /// TEST-NET-1 (RFC 5737): documentation addresses, never routed.
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, last], 8000))
+    }
+
+    fn key() -> ServicePortKey {
+        ("agents".into(), "chat".into(), 80)
+    }
+
+    fn ep(last: u8, serving: bool) -> SliceEndpoint {
+        SliceEndpoint {
+            addr: addr(last),
+            serving,
+        }
+    }
+
+    #[test]
+    fn update_sets_serving_flags_and_picks_skip_terminating_endpoints() {
+        let slices = SliceEndpoints::new(Arc::new(EndpointRegistry::new()));
+        // What the Kubernetes source hands over (its own tests cover the conditions): ready
+        // endpoints serve, terminating ones stay without serving, not-ready ones are left out.
+        let endpoints = [
+            ep(4, false), // terminating, still draining
+            ep(1, true),  // ready
+            ep(3, false), // terminating
+            ep(2, true),  // ready (condition unknown)
+            ep(2, false), // the same address in a second slice, mid-rebalance: serving wins
+        ];
+        slices.update(&key(), &endpoints);
+
+        let set = slices.handle(&key()).load_full();
+        let flags: Vec<(SocketAddr, bool)> = set
+            .endpoints()
+            .iter()
+            .map(|e| (e.addr, e.serving))
+            .collect();
+        assert_eq!(
+            flags,
+            vec![
+                (addr(1), true),
+                (addr(2), true),
+                (addr(3), false),
+                (addr(4), false)
+            ]
+        );
+        assert_eq!(slices.ready_count(&key()), 2);
+        assert_eq!(
+            slices.ready_count(&("agents".into(), "other".into(), 80)),
+            0
+        );
+
+        for lb in [
+            LbPolicy::LeastConnections,
+            LbPolicy::RoundRobin,
+            LbPolicy::Random,
+        ] {
+            let mut held = Vec::new();
+            for i in 0..200u64 {
+                let (e, guard) = set.pick(lb, i.wrapping_mul(0x9e37_79b9)).expect("a pick");
+                assert!(
+                    e.addr == addr(1) || e.addr == addr(2),
+                    "{lb:?} picked {}",
+                    e.addr
+                );
+                // Hold some, so least connections sees the serving ones loaded.
+                if i % 3 == 0 {
+                    held.push(guard);
+                }
+            }
+            // Not even a retry that excludes every serving endpoint lands on a terminating one.
+            let (e, _g) = set
+                .pick_excluding(lb, 7, &[addr(1), addr(2)])
+                .expect("a pick");
+            assert!(e.serving, "{lb:?} picked terminating {}", e.addr);
+        }
+    }
+
+    #[test]
+    fn updates_keep_per_address_in_flight_state() {
+        let registry = Arc::new(EndpointRegistry::new());
+        let slices = SliceEndpoints::new(Arc::clone(&registry));
+        let serving = |last| ep(last, true);
+        slices.update(&key(), &[serving(1), serving(2)]);
+        let handle = slices.handle(&key());
+        let before = handle.load_full();
+        // A request in flight to .1, picked from the first set.
+        let (_, guard) = before
+            .pick_excluding(LbPolicy::RoundRobin, 0, &[addr(2)])
+            .expect("a pick");
+        assert_eq!(guard.addr(), addr(1));
+
+        // .1 starts terminating, .3 joins: a new set is swapped in.
+        slices.update(&key(), &[ep(1, false), serving(2), serving(3)]);
+        let after = handle.load_full();
+        assert!(!Arc::ptr_eq(&before, &after), "the set was swapped");
+        let one = after
+            .endpoints()
+            .iter()
+            .find(|e| e.addr == addr(1))
+            .expect(".1 stays while terminating");
+        assert!(!one.serving);
+        // Same state object, so the in-flight count carried over into the new set.
+        assert!(Arc::ptr_eq(&one.state, &before.endpoints()[0].state));
+        assert_eq!(one.state.in_flight(), 1);
+        // Least connections on the new set sees .1's load but never picks it.
+        for i in 0..20 {
+            let (e, _g) = after.pick(LbPolicy::LeastConnections, i).expect("a pick");
+            assert_ne!(e.addr, addr(1));
+        }
+        // The request finishes: counted down in the state every set shares.
+        drop(guard);
+        assert_eq!(one.state.in_flight(), 0);
+
+        // An identical update swaps nothing (the round-robin cursor and the Arc stay).
+        slices.update(&key(), &[ep(1, false), serving(3), serving(2)]);
+        assert!(Arc::ptr_eq(&after, &handle.load_full()));
+
+        // .1 is gone, and with no set or guard holding it, so is its state.
+        slices.update(&key(), &[serving(2), serving(3)]);
+        drop(before);
+        drop(after);
+        registry.sweep();
+        assert!(registry.get(addr(1)).is_none());
+        assert!(registry.get(addr(2)).is_some());
+    }
+}

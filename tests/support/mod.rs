@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use tollgate::app::{Running, ServeOptions};
 
+pub mod dnsmasq;
 pub mod process;
 
 /// Every test finishes within this, or fails saying so.
