@@ -371,6 +371,10 @@ fn run() -> Result<ExitCode> {
                 let running = app::start_kubernetes(&opts, &kube_opts).await?;
                 shutdown_signal().await;
                 tracing::info!("shutting down: draining in-flight requests");
+                // Hand the status Lease over first: another replica writes status at once.
+                if let Some(k8s) = &running.kubernetes {
+                    k8s.release().await;
+                }
                 running.shutdown().await;
                 Ok(ExitCode::SUCCESS)
             })

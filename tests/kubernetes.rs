@@ -495,6 +495,57 @@ async fn two_gateways_serve_and_exactly_one_writes_status() {
     .await
 }
 
+/// On shutdown the leader hands the Lease over (`tollgate run` does this on SIGTERM): with the
+/// default 15 s lease, the other replica still leads within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_lease_moves_to_the_other_replica_at_once() {
+    bounded(LIMIT, async {
+        let cp = shared();
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "release").await;
+        let a = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw-a"),
+        )
+        .await;
+        let b = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), &ns, "gw-b"),
+        )
+        .await;
+        let (ka, kb) = (a.kubernetes.clone().unwrap(), b.kubernetes.clone().unwrap());
+        eventually(SERVED, "one leader", || async {
+            (ka.is_leader() != kb.is_leader()).then_some(())
+        })
+        .await;
+        let (leader, follower, leader_gw, follower_gw) = if ka.is_leader() {
+            (ka.clone(), kb.clone(), a, b)
+        } else {
+            (kb.clone(), ka.clone(), b, a)
+        };
+        let released = Instant::now();
+        leader.release().await;
+        assert!(!leader.is_leader());
+        leader_gw.shutdown().await;
+        eventually(
+            Duration::from_secs(5),
+            "the other replica leads well before 15 s",
+            || async { follower.is_leader().then_some(()) },
+        )
+        .await;
+        println!("lease handed over in {:?}", released.elapsed());
+        let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get("tollgate")
+            .await
+            .unwrap();
+        let spec = lease.spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some(follower.identity()));
+        assert!(spec.lease_transitions.unwrap_or(0) >= 1);
+        follower_gw.shutdown().await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_certificates_come_from_secrets_and_reload_when_they_change() {
     bounded(LIMIT, async {

@@ -42,6 +42,8 @@ impl Default for LeaseTiming {
 pub struct LeaderState {
     identity: String,
     valid_until: Mutex<Option<Instant>>,
+    /// Set by [`release`]: this replica no longer campaigns (it is shutting down).
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl LeaderState {
@@ -49,6 +51,7 @@ impl LeaderState {
         Self {
             identity: identity.to_string(),
             valid_until: Mutex::new(None),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -208,12 +211,18 @@ pub async fn run(
     let mut failing = false;
     let mut leading = false;
     loop {
+        if state.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let started = Instant::now();
         let round = tokio::time::timeout(
             timing.request_timeout,
             try_once(&api, &name, &state.identity, &timing, &mut observer),
         )
         .await;
+        if state.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return; // released while this round ran: its outcome no longer matters
+        }
         match round {
             Ok(Ok(lead)) => {
                 failing = false;
@@ -256,6 +265,47 @@ pub async fn run(
             timing.retry_every
         };
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Gives the Lease up on shutdown (as client-go's ReleaseOnCancel): stops campaigning and, if
+/// this replica holds the Lease, clears the holder so another replica takes over at its next
+/// look (seconds) instead of after the lease duration.
+pub async fn release(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    timing: &LeaseTiming,
+    state: &LeaderState,
+) {
+    state
+        .stopped
+        .store(true, std::sync::atomic::Ordering::Release);
+    let was_leader = state.is_leader();
+    state.set(None);
+    if !was_leader {
+        return;
+    }
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let give_up = async {
+        let Some(mut lease) = api.get_opt(name).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(state.identity()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(micro_now());
+        api.replace(name, &PostParams::default(), &lease)
+            .await
+            .map(|_| ())
+    };
+    match tokio::time::timeout(timing.request_timeout, give_up).await {
+        Ok(Ok(())) => tracing::info!(lease = %format!("{namespace}/{name}"), "lease released"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "lease not released"),
+        Err(_) => tracing::debug!("lease release timed out"),
     }
 }
 

@@ -219,17 +219,35 @@ pub struct Wiring {
 }
 
 /// A running Kubernetes source: observable state for the admin side and tests.
-#[derive(Debug)]
 pub struct Handle {
     identity: String,
     leader: Arc<LeaderState>,
+    client: Client,
+    lease: (String, String, leader::LeaseTiming),
     synced: AtomicBool,
     compiles: AtomicU64,
     status_writes: AtomicU64,
     events: AtomicU64,
 }
 
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("identity", &self.identity)
+            .field("leader", &self.is_leader())
+            .field("synced", &self.is_synced())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Handle {
+    /// Stops campaigning and hands the Lease over (call before draining on shutdown), so
+    /// another replica writes status within seconds.
+    pub async fn release(&self) {
+        let (ns, name, timing) = &self.lease;
+        leader::release(self.client.clone(), ns, name, timing, &self.leader).await;
+    }
+
     /// This replica's identity in the Lease.
     pub fn identity(&self) -> &str {
         &self.identity
@@ -271,6 +289,12 @@ pub fn spawn(
     let handle = Arc::new(Handle {
         identity: opts.identity.clone(),
         leader: leader.clone(),
+        client: client.clone(),
+        lease: (
+            opts.lease_namespace.clone(),
+            opts.lease_name.clone(),
+            opts.lease,
+        ),
         synced: AtomicBool::new(false),
         compiles: AtomicU64::new(0),
         status_writes: AtomicU64::new(0),

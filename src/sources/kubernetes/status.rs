@@ -28,8 +28,10 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Every so often the leader re-checks everything (endpoint counts under DNS discovery,
 /// a status someone else overwrote).
 const RESYNC: Duration = Duration::from_secs(60);
-/// After a failed pass (API server away), try again this soon.
+/// After a failed pass (API server away, a write refused), try again this soon, doubling up to
+/// `RETRY_MAX` while passes keep failing (a missing RBAC grant must not flood the logs).
 const RETRY: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest wait for one status patch.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Status patches in flight at once (the first pass after an election may touch every object).
@@ -402,15 +404,16 @@ pub async fn run(
     let mut resync = tokio::time::interval(RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = false;
+    let mut retry_after = RETRY;
     loop {
         tokio::select! {
             r = trigger.changed() => if r.is_err() { return },
             _ = resync.tick() => {},
-            _ = tokio::time::sleep(RETRY), if retry => {},
+            _ = tokio::time::sleep(retry_after), if retry => {},
         }
         tokio::time::sleep(DEBOUNCE).await;
         trigger.borrow_and_update();
-        retry = false;
+        let was_retrying = std::mem::take(&mut retry);
         if !handle.is_synced() {
             continue;
         }
@@ -458,6 +461,11 @@ pub async fn run(
                 Outcome::Failed => retry = true,
             }
         }
+        retry_after = if retry && was_retrying {
+            (retry_after * 2).min(RETRY_MAX)
+        } else {
+            RETRY
+        };
     }
 }
 
