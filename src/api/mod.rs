@@ -25,8 +25,8 @@ pub const DEFAULT_GATEWAY_CLASS: &str = "tollgate";
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for crd in [AgentRoute::crd(), AgentApiKey::crd()] {
-        let mut value = serde_json::to_value(&crd)
-            .map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+        let mut value =
+            serde_json::to_value(&crd).map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
         strip_rust_formats(&mut value);
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&value)?);
