@@ -30,8 +30,9 @@ fn base(running: &tollgate::app::Running) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_apply_edit_delete_reaches_traffic() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "route").await;
         let (a, b) = (Echo::start("a").await, Echo::start("b").await);
@@ -84,8 +85,9 @@ async fn route_apply_edit_delete_reaches_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_from_a_secret_works_and_deleting_the_secret_revokes_it_within_1s() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "key").await;
         let backend = Echo::start("chat").await;
@@ -155,8 +157,9 @@ async fn api_key_from_a_secret_works_and_deleting_the_secret_revokes_it_within_1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_objects_are_refused_by_the_api_server_with_a_clear_message() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "invalid").await;
         let ok_backend = json!([{"url": "http://127.0.0.1:9"}]);
@@ -215,8 +218,9 @@ async fn invalid_objects_are_refused_by_the_api_server_with_a_clear_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_routes_get_reasons_while_the_others_keep_serving() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "broken").await;
         let backend = Echo::start("good").await;
@@ -307,8 +311,9 @@ async fn broken_routes_get_reasons_while_the_others_keep_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_slices_set_ready_counts_without_recompiling_routes() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "slices").await;
         let gw = gateway(
@@ -397,8 +402,9 @@ async fn endpoint_slices_set_ready_counts_without_recompiling_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_serve_and_exactly_one_writes_status() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "leader").await;
         let backend = Echo::start("chat").await;
@@ -499,8 +505,9 @@ async fn two_gateways_serve_and_exactly_one_writes_status() {
 /// default 15 s lease, the other replica still leads within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_lease_moves_to_the_other_replica_at_once() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "release").await;
         let a = gateway(
@@ -548,8 +555,9 @@ async fn a_released_lease_moves_to_the_other_replica_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_certificates_come_from_secrets_and_reload_when_they_change() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "tls").await;
         let backend = Echo::start("secure").await;
@@ -622,8 +630,9 @@ async fn tls_certificates_come_from_secrets_and_reload_when_they_change() {
 /// ClusterRole and the leader-election Role, and runs the real `tollgate run` binary as it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_works_end_to_end_with_only_the_manifest_cluster_role() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "rbac").await;
         let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/rbac");
@@ -715,8 +724,9 @@ async fn the_binary_works_end_to_end_with_only_the_manifest_cluster_role() {
 /// namespace and subject filled in) and the leader-election Role. Secrets elsewhere stay closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_namespaced_role_is_enough_for_watch_namespace() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
     bounded(LIMIT, async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "nsrole").await;
         let user = format!("tollgate-ns-{ns}");
@@ -794,8 +804,8 @@ async fn the_namespaced_role_is_enough_for_watch_namespace() {
 /// P6: `apply` of a new AgentRoute until its first 200 through the gateway, 50 times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_to_traffic_latency_p50_p99() {
+    let cp = shared();
     bounded(Duration::from_secs(120), async {
-        let cp = shared();
         let admin = cp.admin().await;
         let ns = namespace(&admin, "latency").await;
         let backend = Echo::start("lat").await;
@@ -857,17 +867,18 @@ async fn change_to_traffic_latency_p50_p99() {
 /// back, the watches resume and a newly applied route is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_crds_start_is_refused_and_an_api_server_outage_fails_no_request() {
-    bounded(Duration::from_secs(180), async {
-        let cp = tokio::task::spawn_blocking(|| ControlPlane::start("outage", false))
-            .await
-            .unwrap();
-        struct Stop<'a>(&'a ControlPlane);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.stop();
-            }
+    // Outside the time bound: starting may have to build the tools first (minutes, cold).
+    let cp = tokio::task::spawn_blocking(|| ControlPlane::start("outage", false))
+        .await
+        .unwrap();
+    struct Stop<'a>(&'a ControlPlane);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.stop();
         }
-        let _stop = Stop(&cp);
+    }
+    let _stop = Stop(&cp);
+    bounded(Duration::from_secs(180), async {
         let admin = cp.admin().await;
         let ns = namespace(&admin, "outage").await;
         let opts = kube_options(&cp.admin_kubeconfig(), &ns, "gw");
