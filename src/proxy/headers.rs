@@ -190,8 +190,9 @@ pub fn traceparent(h: &HeaderMap) -> HeaderValue {
     out[1] = b'0';
     let mut span = [0u8; 8];
     rng.fill_bytes(&mut span);
-    span[0] |= 1; // never all zero
-    // encode_to_slice cannot fail: each output slice is exactly twice its input's length.
+    // Never all zero. encode_to_slice cannot fail: each output slice is exactly twice its
+    // input's length.
+    span[0] |= 1;
     let _ = hex::encode_to_slice(span, &mut out[36..52]);
     match h.get(&TRACEPARENT).map(HeaderValue::as_bytes) {
         Some(b) if valid_traceparent(b) => {
