@@ -1166,4 +1166,13 @@ mod tests {
             assert_eq!(s, addr.to_string());
         }
     }
+
+    #[test]
+    fn api_key_query_decoding_is_byte_wise() {
+        // A '%' followed by a multi-byte character used to slice the str inside the character.
+        assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}".as_bytes());
+        assert_eq!(percent_decode("%\u{e9}"), "%\u{e9}".as_bytes());
+        assert_eq!(percent_decode("tg%2Dkey+1%zz%4"), b"tg-key 1%zz%4");
+        assert_eq!(strip_api_key_param("a=1&api_key=x&&b=2"), "a=1&b=2");
+    }
 }
