@@ -1,44 +1,21 @@
 //! Hot-path micro-benchmarks (targets P4, P5 in shared/design/targets.md): route match among
-//! 10,000 routes, key lookup among 100,000 keys, compile of 10,000 routes + 100,000 keys.
-//! Figures are printed by criterion; nothing here fails on a slow machine.
+//! 10,000 routes, key lookup among 100,000 keys, compile of 10,000 routes + 100,000 keys, and the
+//! local request limiter with 100,000 active clients. Figures are printed by criterion; nothing
+//! here fails on a slow machine. Peak RSS of the compile: `bench/compile_rss.rs`.
+
+#[path = "../bench/store.rs"]
+mod store;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Method};
 use std::hint::black_box;
-use tollgate::api::fixtures::{api_key, RouteBuilder};
-use tollgate::config::{compile, CompileOptions, Match, Store};
+use store::store;
+use tollgate::config::{compile, CompileOptions, Match};
+use tollgate::ratelimit::{BucketSpec, Clock, LocalLimiter};
 
-fn store(routes: usize, keys: usize) -> Store {
-    let mut s = Store::default();
-    for i in 0..routes {
-        // Realistic shapes: a few segments, a tenth with hosts, some with methods.
-        let mut b = RouteBuilder::new(&format!("r{i}"))
-            .namespace(&format!("ns{}", i % 50))
-            .prefix(&format!("/api/v{}/svc{}/op{}", i % 3, i / 10, i % 10))
-            .url(&format!(
-                "http://10.0.{}.{}:8080",
-                (i / 250) % 250,
-                i % 250 + 1
-            ));
-        if i % 10 == 0 {
-            b = b.host(&format!("tenant{}.example.com", i % 100));
-        }
-        if i % 4 == 0 {
-            b = b.methods(&["POST"]);
-        }
-        s.routes.push(b.build());
-    }
-    for i in 0..keys {
-        s.keys.push(api_key(
-            &format!("k{i}"),
-            &format!("ns{}", i % 50),
-            &format!("client-{}", i % 20_000),
-            &format!("plain-key-{i:08}"),
-            &["user"],
-        ));
-    }
-    s
-}
+/// Active clients in the limiter benches: every check finds an existing bucket among this many,
+/// so the figure includes the cache misses of a large table, not one hot bucket.
+const CLIENTS: usize = 100_000;
 
 fn benches(c: &mut Criterion) {
     let st = store(10_000, 100_000);
@@ -93,5 +70,61 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(hot_path, benches);
+/// A limit far above what a benchmark can spend, so every check admits (the "not hit" case).
+const UNHIT: u32 = 1_000_000_000;
+
+fn key_bucket(client: &str) -> BucketSpec<'_> {
+    BucketSpec {
+        client,
+        route: None,
+        per_minute: UNHIT,
+        burst: UNHIT,
+    }
+}
+
+fn route_bucket(client: &str) -> BucketSpec<'_> {
+    BucketSpec {
+        client,
+        route: Some("bench/chat"),
+        per_minute: UNHIT,
+        burst: UNHIT,
+    }
+}
+
+fn limiter_benches(c: &mut Criterion) {
+    let clients: Vec<String> = (0..CLIENTS).map(|i| format!("client-{i}")).collect();
+    let clock = Clock::system();
+    let limiter = LocalLimiter::new();
+    // Steady state: every client already holds its key bucket and its route bucket.
+    for cl in &clients {
+        let d = limiter.check_at(&[key_bucket(cl), route_bucket(cl)], clock.now());
+        assert!(d.is_allowed());
+    }
+    assert_eq!(limiter.len(), 2 * CLIENTS);
+
+    // Clients in a scattered order (a stride coprime with CLIENTS), as concurrent traffic is.
+    let mut i = 0usize;
+    let mut next = move || {
+        i = (i + 7_919) % CLIENTS;
+        i
+    };
+    c.bench_function("limiter/local/1_bucket_100k_clients", |b| {
+        b.iter(|| {
+            let cl = &clients[next()];
+            black_box(limiter.check_at(&[key_bucket(cl)], clock.now()).is_allowed())
+        })
+    });
+    c.bench_function("limiter/local/2_buckets_100k_clients", |b| {
+        b.iter(|| {
+            let cl = &clients[next()];
+            black_box(
+                limiter
+                    .check_at(&[key_bucket(cl), route_bucket(cl)], clock.now())
+                    .is_allowed(),
+            )
+        })
+    });
+}
+
+criterion_group!(hot_path, benches, limiter_benches);
 criterion_main!(hot_path);

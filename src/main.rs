@@ -16,6 +16,11 @@ use tollgate::proxy::upstream::UpstreamOptions;
 use tollgate::proxy::ProxyOptions;
 use tollgate::telemetry::logging::{self, LogFormat};
 
+/// mimalloc instead of glibc malloc: cheaper small allocations on the request path (see
+/// BENCHMARKS.md for the measured effect).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -86,7 +91,8 @@ struct Common {
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "TOLLGATE_LOG_FORMAT")]
     log_format: LogFormat,
-    /// Worker threads of the runtime (default: one per core).
+    /// Worker threads of the runtime (default: one per core). 1 runs the gateway on a single
+    /// thread (tokio's current-thread scheduler), the cheapest per request.
     #[arg(long, env = "TOLLGATE_WORKERS")]
     workers: Option<usize>,
     /// How long in-flight requests and streams may finish after SIGTERM.
@@ -245,10 +251,19 @@ impl Common {
     }
 
     fn runtime(&self) -> Result<tokio::runtime::Runtime> {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = self.workers {
-            b.worker_threads(n.max(1));
-        }
+        // One worker: tokio's current-thread scheduler runs every task on this thread, without
+        // the work-stealing queues, wake-up atomics and worker parking of the multi-thread one
+        // (measured in BENCHMARKS.md). Blocking work (file reloads) still goes to the blocking
+        // pool.
+        let mut b = match self.workers {
+            Some(1) | Some(0) => tokio::runtime::Builder::new_current_thread(),
+            Some(n) => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+            None => tokio::runtime::Builder::new_multi_thread(),
+        };
         b.enable_all().build().context("starting the async runtime")
     }
 }
@@ -323,7 +338,7 @@ fn run() -> Result<ExitCode> {
             }
         }
         Command::Demo { config_dir, common } => {
-            logging::init(common.log_format);
+            let _log = logging::init(common.log_format);
             let mut opts = common.serve_options()?;
             opts.discovery = DiscoveryMode::Dns;
             common.runtime()?.block_on(async move {
@@ -364,7 +379,7 @@ fn run() -> Result<ExitCode> {
             })
         }
         Command::Run { kube, common } => {
-            logging::init(common.log_format);
+            let _log = logging::init(common.log_format);
             let opts = common.serve_options()?;
             let kube_opts = kube.options(&common.gateway_class);
             common.runtime()?.block_on(async move {
@@ -380,7 +395,7 @@ fn run() -> Result<ExitCode> {
             })
         }
         Command::Standalone { config, common } => {
-            logging::init(common.log_format);
+            let _log = logging::init(common.log_format);
             let mut opts = common.serve_options()?;
             opts.discovery = DiscoveryMode::Dns;
             common.runtime()?.block_on(async move {
