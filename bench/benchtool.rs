@@ -146,16 +146,7 @@ fn main() -> io::Result<()> {
                 open_timeout,
             } => {
                 let req = request(&path, &host, &["Accept: text/event-stream".into()]);
-                sse_hold(
-                    addr,
-                    req,
-                    streams,
-                    hold,
-                    parallel,
-                    ready_file,
-                    open_timeout,
-                )
-                .await
+                sse_hold(addr, req, streams, hold, parallel, ready_file, open_timeout).await
             }
         }
     })

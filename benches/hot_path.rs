@@ -111,7 +111,11 @@ fn limiter_benches(c: &mut Criterion) {
     c.bench_function("limiter/local/1_bucket_100k_clients", |b| {
         b.iter(|| {
             let cl = &clients[next()];
-            black_box(limiter.check_at(&[key_bucket(cl)], clock.now()).is_allowed())
+            black_box(
+                limiter
+                    .check_at(&[key_bucket(cl)], clock.now())
+                    .is_allowed(),
+            )
         })
     });
     c.bench_function("limiter/local/2_buckets_100k_clients", |b| {
