@@ -11,10 +11,6 @@ use std::time::{Duration, Instant};
 
 use tollgate::config::{compile, CompileOptions};
 
-/// The gateway binary's allocator, so the RSS is the one the gateway would have.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const ROUTES: usize = 10_000;
 const KEYS: usize = 100_000;
 

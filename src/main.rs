@@ -16,11 +16,6 @@ use tollgate::proxy::upstream::UpstreamOptions;
 use tollgate::proxy::ProxyOptions;
 use tollgate::telemetry::logging::{self, LogFormat};
 
-/// mimalloc instead of glibc malloc: cheaper small allocations on the request path (see
-/// BENCHMARKS.md for the measured effect).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tollgate",
