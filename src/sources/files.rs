@@ -244,12 +244,16 @@ pub fn watch(
         }
     })?;
     // Watch the directory holding a single file, so editors' rename-into-place is seen.
-    let target = if root.is_file() {
-        root.parent().unwrap_or(root).to_path_buf()
+    // A single file's directory is watched without recursion: it may be /tmp or $HOME.
+    let (target, mode) = if root.is_file() {
+        (
+            root.parent().unwrap_or(root).to_path_buf(),
+            RecursiveMode::NonRecursive,
+        )
     } else {
-        root.to_path_buf()
+        (root.to_path_buf(), RecursiveMode::Recursive)
     };
-    watcher.watch(&target, RecursiveMode::Recursive)?;
+    watcher.watch(&target, mode)?;
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: a burst of events (an editor's save) costs one reload.
