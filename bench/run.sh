@@ -143,6 +143,7 @@ EOF
     PIDS+=($!)
     nginx -p "$WORK/nginx" -c "$WORK/nginx/proxy.conf" -g 'daemon off;' &
     PIDS+=($!)
+    NGINX_PROXY_PID=$!
     wait_port "$BACKEND"
     wait_port "$NGINX"
 }
@@ -300,6 +301,17 @@ for conns in sorted({c for _, c in by}, key=int):
 EOF
 }
 
+# CPU time (user + system, in clock ticks) of a process and its children (nginx's worker).
+cpu_ticks() {
+    local pid total=0 p
+    for p in $1 $(pgrep -P "$1" || true); do
+        [ -r "/proc/$p/stat" ] || continue
+        # Fields 14 and 15 (utime, stime), counted after the ") " that ends the command name.
+        total=$((total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$total"
+}
+
 phase_p3() {
     say ""
     say "== P3: p99 at half of nginx's peak (open loop, benchtool paced, 64 connections) =="
@@ -315,14 +327,24 @@ phase_p3() {
     local rate
     rate=$(awk -v p="$peak" 'BEGIN {printf "%.0f", p / 2}')
     say "   nginx peak (median, 64 connections) = $peak req/s; offered rate = $rate req/s"
-    local r t
-    for r in 1 2; do
-        for t in "nginx $NGINX" "tg $TG_PLAIN" "tg-log $TG_LOG"; do
+    say "   cpu_us/req: the proxy's CPU time (user + system, all threads) per request during the"
+    say "   run, warm-up included: less sensitive to the other load on this machine than req/s"
+    local r t hz
+    hz=$(getconf CLK_TCK)
+    for r in 1 2 3; do
+        for t in "nginx $NGINX $NGINX_PROXY_PID" "tg $TG_PLAIN $PID_plain" "tg-log $TG_LOG $PID_log" \
+            "tg-p2 $TG_P2 $PID_p2" ${BASELINE_BIN:+"base $TG_BASE $PID_base"}; do
             set -- $t
-            local line
+            local line before after extra=()
+            [ "$1" = tg-p2 ] && extra=(--header "x-api-key: bench-key-0001")
+            before=$(cpu_ticks "$3")
             line=$(timeout $((DURATION + 60)) "$TOOL" paced --addr "127.0.0.1:$2" --rate "$rate" \
-                --connections 64 --duration "$DURATION" --warmup 2 || echo "PACED failed")
-            say "   $1 round $r: $line (load $(load))"
+                --connections 64 --duration "$DURATION" --warmup 2 "${extra[@]}" || echo "PACED failed")
+            after=$(cpu_ticks "$3")
+            local cpu
+            cpu=$(awk -v t=$((after - before)) -v hz="$hz" -v r="$rate" -v d="$DURATION" \
+                'BEGIN {printf "%.1f", t / hz * 1e6 / (r * (d + 2))}')
+            say "   $1 round $r: $line cpu_us/req=$cpu (load $(load))"
         done
     done
 }
