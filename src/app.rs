@@ -366,20 +366,49 @@ pub fn reload_files(
         Ok(mut s) => s.load(),
         Err(poisoned) => poisoned.into_inner().load(),
     };
-    let mut snap = compile(&loaded.store, &opts.compile_options(gw.swaps() + 1));
-    let file_errors = loaded.problems.len();
-    let mut problems = loaded.problems;
+    // Files have no status to write problems to: the log is where they are seen.
+    compile_and_swap(
+        gw,
+        resolver,
+        &loaded.store,
+        loaded.problems,
+        opts,
+        started,
+        true,
+    );
+}
+
+/// The one path from a gathered store to the live snapshot, for every source: compile, attach
+/// endpoints, count and log, swap. `source_problems` (unparsable files) make the reload an error.
+fn compile_and_swap(
+    gw: &Gateway,
+    resolver: &Resolver,
+    store: &Store,
+    source_problems: Vec<Problem>,
+    opts: &ServeOptions,
+    started: Instant,
+    log_problems: bool,
+) {
+    let mut snap = compile(store, &opts.compile_options(gw.swaps() + 1));
+    let result = if source_problems.is_empty() {
+        "success"
+    } else {
+        "error"
+    };
+    let mut problems = source_problems;
     problems.append(&mut snap.problems);
     snap.problems = problems;
     attach_endpoints(&mut snap, resolver);
-    for p in &snap.problems {
-        tracing::warn!(problem = %p, "configuration problem");
+    if log_problems {
+        for p in &snap.problems {
+            tracing::warn!(problem = %p, "configuration problem");
+        }
     }
     let elapsed = started.elapsed();
     gw.metrics.compile_seconds.observe(elapsed.as_secs_f64());
     gw.metrics
         .config_reloads_total
-        .with_label_values(&[if file_errors == 0 { "success" } else { "error" }])
+        .with_label_values(&[result])
         .inc();
     tracing::info!(
         routes = snap.routes.len(),
@@ -416,24 +445,8 @@ pub async fn start_standalone(config: PathBuf, opts: &ServeOptions) -> Result<Ru
 
 /// Compiles a store gathered by the Kubernetes source, attaches endpoints, swaps.
 pub fn reload_store(gw: &Gateway, resolver: &Resolver, store: &Store, opts: &ServeOptions) {
-    let started = Instant::now();
-    let mut snap = compile(store, &opts.compile_options(gw.swaps() + 1));
-    attach_endpoints(&mut snap, resolver);
-    let elapsed = started.elapsed();
-    gw.metrics.compile_seconds.observe(elapsed.as_secs_f64());
-    gw.metrics
-        .config_reloads_total
-        .with_label_values(&["success"])
-        .inc();
-    tracing::info!(
-        routes = snap.routes.len(),
-        keys = snap.keys.len(),
-        problems = snap.problems.len(),
-        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-        "configuration compiled"
-    );
-    gw.swap(snap);
-    report_endpoints_ready(gw);
+    // Kubernetes problems go to each object's status; no per-problem log line.
+    compile_and_swap(gw, resolver, store, Vec::new(), opts, Instant::now(), false);
 }
 
 /// `run`: the gateway fed by Kubernetes watches. Refuses to start without the CRDs; `/readyz`
