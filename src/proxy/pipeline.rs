@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use super::body::{BodyTap, ProxyBody};
 use super::error::{LimitHeaders, ProxyError};
 use super::headers::{self, X_API_KEY, X_CLIENT_ID, X_REQUEST_ID};
+use super::upstream::{Connect, Lease};
 use super::Gateway;
 use crate::api::{LoadBalancer, Protocol, Sticky};
 use crate::auth::external::Refusal;
@@ -622,8 +623,13 @@ async fn serve(
         }
         let picked = pick_upstream(gw, snap, &route, &parts.headers, caller.as_ref(), &[])?;
         outcome.upstream = Some(picked.backend.id.clone());
-        let uri = upstream_uri(&picked, &fwd_path, query.as_deref())?;
-        return super::websocket::proxy(gw, &route, parts, uri, picked, caller, started).await;
+        let uri = upstream_uri(picked.backend, &fwd_path, query.as_deref())?;
+        // Boxed: the relay's future is large and rare; inline it would grow every request's
+        // future (and the per-connection slot hyper keeps for it) by ~4 KiB.
+        return Box::pin(super::websocket::proxy(
+            gw, &route, parts, uri, picked, caller, started,
+        ))
+        .await;
     }
 
     // Keep small bodies so a retry can replay them.
@@ -659,7 +665,7 @@ async fn serve(
         let picked = pick_upstream(gw, snap, &route, &parts.headers, caller.as_ref(), &tried)?;
         let backend = picked.backend;
         outcome.upstream = Some(backend.id.clone());
-        let uri = upstream_uri(&picked, &fwd_path, query.as_deref())?;
+        let uri = upstream_uri(picked.backend, &fwd_path, query.as_deref())?;
         let mut up = Request::new(body);
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
@@ -672,7 +678,8 @@ async fn serve(
         };
         up.headers_mut()
             .insert(header::HOST, backend.authority.clone());
-        let guard = picked.guard;
+        let mut guard = picked.guard;
+        let connect = picked.connect;
         if attempt < attempts {
             tried.push(guard.endpoint.addr());
         }
@@ -684,11 +691,11 @@ async fn serve(
             (None, None) => None,
         };
         let sent = match wait {
-            Some(at) => match tokio::time::timeout_at(at, gw.upstream.send(up)).await {
+            Some(at) => match tokio::time::timeout_at(at, gw.upstream.send(&connect, up)).await {
                 Ok(r) => r,
                 Err(_) => Err(ProxyError::Timeout),
             },
-            None => gw.upstream.send(up).await,
+            None => gw.upstream.send(&connect, up).await,
         };
         let outcome_label = |o: &str| {
             gw.metrics
@@ -732,7 +739,8 @@ async fn serve(
                 }
                 return Err(last_err);
             }
-            Ok(resp) => {
+            Ok((resp, lease)) => {
+                guard.conn = Some(lease);
                 let status = resp.status().as_u16();
                 if status >= 500 {
                     guard.endpoint.failure(FailureKind::ServerError);
@@ -1001,9 +1009,11 @@ pub fn revocation(
     })
 }
 
-/// Counts a request against its backend and endpoint until its response body ends.
+/// Counts a request against its backend and endpoint until its response body ends, and holds
+/// the upstream connection until then (it goes back to its pool when the body has ended).
 pub struct UpstreamGuard {
     pub endpoint: InFlightGuard,
+    pub conn: Option<Lease>,
     _gauge: GaugeGuard,
 }
 
@@ -1013,7 +1023,6 @@ pub struct Picked<'a> {
     /// Where to connect: the endpoint address, or the host name for `https` url backends
     /// (their certificate is checked against it).
     pub connect: Connect,
-    pub https: bool,
     pub guard: UpstreamGuard,
 }
 
@@ -1063,80 +1072,38 @@ pub fn pick_upstream<'a>(
         .upstream_in_flight
         .with_label_values(&[&backend.id]);
     gauge.inc();
-    let (connect, https) = match &backend.target {
+    let connect = match &backend.target {
         BackendTarget::Url {
             https: true,
             host,
             port,
             ..
-        } => (Connect::Name(format!("{host}:{port}")), true),
-        _ => (Connect::Addr(addr), false),
+        } => Connect::Tls(format!("{host}:{port}")),
+        _ => Connect::Addr(addr),
     };
     Ok(Picked {
         backend,
         connect,
-        https,
         guard: UpstreamGuard {
             endpoint: guard,
+            conn: None,
             _gauge: GaugeGuard(gauge),
         },
     })
 }
 
-/// The authority an attempt connects to.
-pub enum Connect {
-    /// An endpoint address (written into the URI without `fmt`: see `push_socket_addr`).
-    Addr(SocketAddr),
-    /// `host:port` of an `https` url backend.
-    Name(String),
-}
-
-/// Appends `addr` as a URI authority, exactly as its `Display` would (`1.2.3.4:80`, `[::1]:80`).
-fn push_socket_addr(s: &mut String, addr: SocketAddr) {
-    match addr {
-        SocketAddr::V4(a) => {
-            s.push_str(headers::IpText::new((*a.ip()).into()).as_str());
-            s.push(':');
-            let mut digits = [0u8; 5];
-            let mut n = a.port();
-            let mut i = digits.len();
-            loop {
-                i -= 1;
-                digits[i] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            s.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
-        }
-        SocketAddr::V6(_) => {
-            use std::fmt::Write;
-            let _ = write!(s, "{addr}");
-        }
-    }
-}
-
-fn upstream_uri(picked: &Picked<'_>, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let scheme = if picked.https { "https" } else { "http" };
-    let base = match &picked.backend.target {
+/// The origin-form request target toward the upstream (`/base/path?query`); the connection
+/// and the `Host` header say where it goes.
+fn upstream_uri(
+    backend: &CompiledBackend,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, ProxyError> {
+    let base = match &backend.target {
         BackendTarget::Url { base_path, .. } => &**base_path,
         BackendTarget::Service { .. } => "",
     };
-    let mut s = String::with_capacity(
-        scheme.len()
-            + 3
-            + 47 // the longest "[v6]:port"
-            + base.len()
-            + path.len()
-            + query.map_or(0, |q| q.len() + 1),
-    );
-    s.push_str(scheme);
-    s.push_str("://");
-    match &picked.connect {
-        Connect::Addr(a) => push_socket_addr(&mut s, *a),
-        Connect::Name(n) => s.push_str(n),
-    }
+    let mut s = String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     s.push_str(base);
     s.push_str(path);
     if let Some(q) = query {
@@ -1151,28 +1118,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn socket_addrs_are_written_as_display_writes_them() {
-        for a in [
-            "127.0.0.1:80",
-            "10.0.0.1:0",
-            "255.255.255.255:65535",
-            "1.2.3.4:8080",
-            "[::1]:443",
-            "[2001:db8::1]:9",
-        ] {
-            let addr: SocketAddr = a.parse().unwrap();
-            let mut s = String::new();
-            push_socket_addr(&mut s, addr);
-            assert_eq!(s, addr.to_string());
-        }
-    }
-
-    #[test]
     fn api_key_query_decoding_is_byte_wise() {
         // A '%' followed by a multi-byte character used to slice the str inside the character.
         assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}".as_bytes());
         assert_eq!(percent_decode("%\u{e9}"), "%\u{e9}".as_bytes());
         assert_eq!(percent_decode("tg%2Dkey+1%zz%4"), b"tg-key 1%zz%4");
         assert_eq!(strip_api_key_param("a=1&api_key=x&&b=2"), "a=1&b=2");
+    }
+}
+
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    fn size_of_future<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// hyper keeps a slot of this size per client connection for its whole life, and moves the
+    /// future into it on every request (BENCHMARKS.md, P8 and the profile). Large, rare paths
+    /// (the WebSocket relay, new upstream connections, Redis round trips) are boxed so they do
+    /// not grow it: 7,184 bytes before they were, 3,808 after (rustc 1.95).
+    #[test]
+    fn the_request_future_stays_small() {
+        let handle_size = size_of_future(handle);
+        eprintln!("request future: {handle_size} bytes");
+        assert!(
+            handle_size <= 4608,
+            "request future grew to {handle_size} bytes"
+        );
     }
 }

@@ -41,8 +41,8 @@ pub async fn proxy(
     let backend = picked.backend;
     up.headers_mut()
         .insert(header::HOST, backend.authority.clone());
-    let send = gw.upstream.send(up);
-    let resp = match route.timeouts.first_byte {
+    let send = gw.upstream.send(&picked.connect, up);
+    let (resp, lease) = match route.timeouts.first_byte {
         Some(fb) => tokio::time::timeout_at(started + fb, send)
             .await
             .map_err(|_| ProxyError::Timeout)??,
@@ -56,8 +56,13 @@ pub async fn proxy(
     if rparts.status != StatusCode::SWITCHING_PROTOCOLS {
         // Not upgraded: pass the answer on as a normal response.
         super::headers::strip_hop_by_hop(&mut rparts.headers, false);
-        return Ok(Response::from_parts(rparts, ProxyBody::incoming(rbody)));
+        let mut guard = picked.guard;
+        guard.conn = Some(lease);
+        let body = ProxyBody::incoming(rbody).with_guard(Box::new(guard));
+        return Ok(Response::from_parts(rparts, body));
     }
+    // The upgraded connection belongs to the relay now; it never returns to the pool.
+    lease.discard();
     let mut upstream_resp = Response::from_parts(rparts.clone(), ());
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
 

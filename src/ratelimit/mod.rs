@@ -190,7 +190,9 @@ impl RateLimiter {
     /// down or slower than its call timeout (counted in [`RateLimiter::redis_fallbacks`]).
     pub async fn check_requests(&self, buckets: &[BucketSpec<'_>]) -> Decision {
         if let Some(redis) = &self.redis {
-            match redis.check(buckets).await {
+            // Boxed: the Redis round trip's future is large, and inline it would grow every
+            // request's future even when Redis is not configured.
+            match Box::pin(redis.check(buckets)).await {
                 Ok(decision) => return decision,
                 Err(err) => redis.note_fallback(&err),
             }
@@ -209,7 +211,7 @@ impl RateLimiter {
             return Ok(TokenReservation::unlimited());
         }
         if let Some(redis) = &self.redis {
-            match redis.reserve(budgets, estimate).await {
+            match Box::pin(redis.reserve(budgets, estimate)).await {
                 Ok(Ok(shared)) => {
                     return Ok(TokenReservation {
                         reserved: shared.reserved(),
