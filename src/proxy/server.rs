@@ -105,6 +105,9 @@ pub async fn serve(
     }
 }
 
+/// Serves one accepted connection on its own task. Plain and TLS connections get separate
+/// tasks: one task type for both would size every plain connection's task for the TLS stream
+/// too (hyper's connection state is kept inline in the task, for the connection's whole life).
 fn spawn_connection(
     gw: &Arc<Gateway>,
     graceful: &GracefulShutdown,
@@ -113,30 +116,31 @@ fn spawn_connection(
     stream: TcpStream,
     remote: SocketAddr,
 ) {
-    let gw = gw.clone();
     let builder = builder.clone();
     let watcher = graceful.watcher();
     let hs_timeout = gw.options.header_read_timeout;
-    tokio::spawn(async move {
-        let info = ConnInfo {
-            remote,
-            tls: acceptor.is_some(),
-        };
-        let svc_gw = gw.clone();
-        let first_request = Arc::new(AtomicBool::new(false));
-        let seen = first_request.clone();
-        let svc = service_fn(move |req| {
-            seen.store(true, Ordering::Release);
-            let gw = svc_gw.clone();
-            async move { Ok::<_, Infallible>(handle(gw, req, info).await) }
-        });
-        match acceptor {
-            None => {
+    let info = ConnInfo {
+        remote,
+        tls: acceptor.is_some(),
+    };
+    let first_request = Arc::new(AtomicBool::new(false));
+    let seen = first_request.clone();
+    let svc_gw = gw.clone();
+    let svc = service_fn(move |req| {
+        seen.store(true, Ordering::Release);
+        let gw = svc_gw.clone();
+        async move { Ok::<_, Infallible>(handle(gw, req, info).await) }
+    });
+    match acceptor {
+        None => {
+            tokio::spawn(async move {
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                 let conn = watcher.watch(conn.into_owned());
                 serve_bounded(conn, hs_timeout, &first_request).await;
-            }
-            Some(acceptor) => {
+            });
+        }
+        Some(acceptor) => {
+            tokio::spawn(async move {
                 let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -148,9 +152,9 @@ fn spawn_connection(
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
                 let conn = watcher.watch(conn.into_owned());
                 serve_bounded(conn, hs_timeout, &first_request).await;
-            }
+            });
         }
-    });
+    }
 }
 
 /// Drives a connection, closing it if no request has arrived within `first_request_within`.
