@@ -8,6 +8,7 @@
 #   VARIANT=p2 bench/profile.sh        # key auth + rate limits + least connections
 #   RUST_LOG=info bench/profile.sh     # with the access log
 #   PROFILER=perf bench/profile.sh
+#   VARIANT=nginx bench/profile.sh     # the peer: nginx as the reverse proxy, same load
 #
 # Prints instructions per request and the top functions; leaves the raw profile in $OUT.
 set -euo pipefail
@@ -91,6 +92,33 @@ fi
 GW=$((BASE + 1))
 ARGS=(standalone --workers 1 --config "$WORK/routes.yaml" --listen "127.0.0.1:$GW"
     --admin-listen "127.0.0.1:$((BASE + 2))")
+if [ "$VARIANT" = nginx ]; then
+    # The peer, profiled the same way: nginx as the reverse proxy (one process, 256 idle
+    # upstream connections, as in bench/run.sh).
+    cat >"$WORK/proxy.conf" <<EOF
+master_process off;
+daemon off;
+worker_processes 1;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 100000000;
+    upstream backend { server 127.0.0.1:$BASE; keepalive 256; }
+    server {
+        listen 127.0.0.1:$GW;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    TG=$(command -v nginx)
+    ARGS=(-p "$WORK" -c "$WORK/proxy.conf")
+fi
 case "$PROFILER" in
 callgrind)
     valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" --dump-instr=no \
