@@ -48,7 +48,15 @@ pub fn digest(key: &[u8]) -> KeyDigest {
 
 /// `sha256:` + the first 8 hex digits of the digest: identifies a key, never reveals it.
 pub fn fingerprint(d: &KeyDigest) -> String {
-    format!("sha256:{}", hex::encode(&d[..4]))
+    // Built by hand: `format!` costs more than the rest of a key's compile.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(15);
+    s.push_str("sha256:");
+    for b in &d[..4] {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
 }
 
 /// Parses `sha256:<64 hex>`.
@@ -119,6 +127,12 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
+    /// An empty store with room for `n` keys (compile knows how many it may insert).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            by_digest: HashMap::with_capacity_and_hasher(n, BuildHasherDefault::default()),
+        }
+    }
     pub fn insert(&mut self, d: KeyDigest, entry: Arc<KeyEntry>) -> bool {
         use std::collections::hash_map::Entry;
         match self.by_digest.entry(d) {

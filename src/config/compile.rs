@@ -2,7 +2,7 @@
 //! server's schema would (standalone has no API server), resolves references, orders routes,
 //! resolves conflicts, and reports every problem per object. A broken object never breaks another.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
@@ -64,6 +64,19 @@ impl Problems<'_> {
     }
 }
 
+/// Shares one `Arc<str>` per distinct string of the store (namespaces, client ids, roles): 100,000
+/// keys name 50 namespaces and a few roles, so most of them need no allocation of their own.
+#[derive(Default)]
+struct Interner<'a> {
+    map: HashMap<&'a str, Arc<str>>,
+}
+
+impl<'a> Interner<'a> {
+    fn get(&mut self, s: &'a str) -> Arc<str> {
+        self.map.entry(s).or_insert_with(|| Arc::from(s)).clone()
+    }
+}
+
 fn object_key<K: kube::Resource>(obj: &K) -> ObjectKey {
     let meta = obj.meta();
     ObjectKey::new(
@@ -80,10 +93,11 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         store,
         list: Vec::new(),
     };
-    let mut reports = Vec::new();
+    let mut reports = Vec::with_capacity(store.keys.len() + store.routes.len());
+    let mut strings = Interner::default();
 
     // Keys first (routes do not depend on them, but reports read better in this order).
-    let keys = compile_keys(store, opts, &mut problems, &mut reports);
+    let keys = compile_keys(store, opts, &mut problems, &mut reports, &mut strings);
 
     // Routes, oldest first: ties and conflicts go to the oldest.
     let mut ordered: Vec<(usize, &AgentRoute)> = store.routes.iter().enumerate().collect();
@@ -699,31 +713,39 @@ pub fn parse_backend_url(url: &str) -> Result<BackendTarget, String> {
     })
 }
 
-fn compile_keys(
-    store: &Store,
+fn compile_keys<'a>(
+    store: &'a Store,
     opts: &CompileOptions,
     problems: &mut Problems<'_>,
     reports: &mut Vec<ObjectReport>,
+    strings: &mut Interner<'a>,
 ) -> KeyStore {
     let mut ordered: Vec<(usize, &AgentApiKey)> = store.keys.iter().enumerate().collect();
-    ordered.sort_by(|(ia, a), (ib, b)| {
+    // (time, index) is unique: an unstable sort gives the same order as a stable one.
+    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
         ta.cmp(&tb).then(ia.cmp(ib))
     });
-    let mut store_out = KeyStore::default();
-    let mut owners: BTreeMap<keys::KeyDigest, ObjectKey> = BTreeMap::new();
+    let mut store_out = KeyStore::with_capacity(store.keys.len());
+    // One clock reading per compile: every key is judged against the same instant.
+    let now = jiff::Timestamp::now().as_second();
+    let mut id = String::new();
     for (_, k) in ordered {
         let key = object_key(k);
         let spec = &k.spec;
-        let report = |ready: bool, reason: &str, msg: String, fp: Option<String>| ObjectReport {
-            kind: "AgentApiKey",
-            object: key.clone(),
-            generation: k.metadata.generation,
-            conditions: vec![Condition::new("Ready", ready, reason, msg)],
-            fingerprint: fp,
-            backends: Vec::new(),
-        };
+        let generation = k.metadata.generation;
+        let report =
+            |key: ObjectKey, ready: bool, reason: &str, msg: String, fp: Option<String>| {
+                ObjectReport {
+                    kind: "AgentApiKey",
+                    object: key,
+                    generation,
+                    conditions: vec![Condition::new("Ready", ready, reason, msg)],
+                    fingerprint: fp,
+                    backends: Vec::new(),
+                }
+            };
         if spec.client_id.is_empty() {
             problems.push(
                 "AgentApiKey",
@@ -733,6 +755,7 @@ fn compile_keys(
                 "is required".into(),
             );
             reports.push(report(
+                key,
                 false,
                 "Invalid",
                 "spec.clientId is required".into(),
@@ -753,7 +776,7 @@ fn compile_keys(
                         "Invalid",
                         msg.clone(),
                     );
-                    reports.push(report(false, "Invalid", msg, None));
+                    reports.push(report(key, false, "Invalid", msg, None));
                     continue;
                 }
             },
@@ -777,7 +800,7 @@ fn compile_keys(
                                 "SecretNotFound",
                                 msg.clone(),
                             );
-                            reports.push(report(false, "SecretNotFound", msg, None));
+                            reports.push(report(key, false, "SecretNotFound", msg, None));
                             continue;
                         }
                         keys::digest(trimmed)
@@ -791,7 +814,7 @@ fn compile_keys(
                             "SecretNotFound",
                             msg.clone(),
                         );
-                        reports.push(report(false, "SecretNotFound", msg, None));
+                        reports.push(report(key, false, "SecretNotFound", msg, None));
                         continue;
                     }
                 }
@@ -801,20 +824,21 @@ fn compile_keys(
                 None => {
                     let msg = "must be sha256: followed by 64 lower-case hex digits".to_string();
                     problems.push("AgentApiKey", &key, "spec.keyHash", "Invalid", msg.clone());
-                    reports.push(report(false, "Invalid", msg, None));
+                    reports.push(report(key, false, "Invalid", msg, None));
                     continue;
                 }
             },
             _ => {
                 let msg = "set exactly one of secretRef and keyHash".to_string();
                 problems.push("AgentApiKey", &key, "spec", "Invalid", msg.clone());
-                reports.push(report(false, "Invalid", msg, None));
+                reports.push(report(key, false, "Invalid", msg, None));
                 continue;
             }
         };
         let fp = keys::fingerprint(&digest);
         if spec.disabled {
             reports.push(report(
+                key,
                 false,
                 "Disabled",
                 "the key is disabled".into(),
@@ -822,19 +846,24 @@ fn compile_keys(
             ));
             continue;
         }
-        if let Some(owner) = owners.get(&digest) {
-            let msg = format!("the same key is already defined by {owner}");
+        // The key table answers who owns a digest: its entry's id is the owner's `namespace/name`.
+        if let Some(owner) = store_out.get(&digest) {
+            let msg = format!("the same key is already defined by {}", owner.id);
             problems.push("AgentApiKey", &key, "spec", "Conflicted", msg.clone());
-            reports.push(report(false, "Conflicted", msg, Some(fp)));
+            reports.push(report(key, false, "Conflicted", msg, Some(fp)));
             continue;
         }
         let rl = spec.rate_limit.clone().unwrap_or_default();
         let rpm = rl.requests_per_minute.unwrap_or(opts.default_rpm).max(1);
+        id.clear();
+        id.push_str(&key.namespace);
+        id.push('/');
+        id.push_str(&key.name);
         let entry = KeyEntry {
-            id: Arc::from(key.to_string().as_str()),
-            namespace: Arc::from(key.namespace.as_str()),
-            client_id: Arc::from(spec.client_id.as_str()),
-            roles: spec.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
+            id: Arc::from(id.as_str()),
+            namespace: strings.get(k.metadata.namespace.as_deref().unwrap_or("default")),
+            client_id: strings.get(&spec.client_id),
+            roles: spec.roles.iter().map(|r| strings.get(r)).collect(),
             expires_at,
             limits: KeyLimits {
                 requests_per_minute: rpm,
@@ -843,18 +872,17 @@ fn compile_keys(
             },
             fingerprint: fp.clone(),
         };
-        owners.insert(digest, key.clone());
         store_out.insert(digest, Arc::new(entry));
-        let now = jiff::Timestamp::now().as_second();
         if expires_at.is_some_and(|t| now >= t) {
             reports.push(report(
+                key,
                 false,
                 "Expired",
                 "the key has expired".into(),
                 Some(fp),
             ));
         } else {
-            reports.push(report(true, "Ready", String::new(), Some(fp)));
+            reports.push(report(key, true, "Ready", String::new(), Some(fp)));
         }
     }
     store_out
