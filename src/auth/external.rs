@@ -227,7 +227,7 @@ fn parse_answer(body: &[u8], digest: &KeyDigest, limits: &KeyLimits) -> Option<K
         roles: answer.roles.into_iter().map(Arc::from).collect(),
         expires_at: None,
         limits: limits.clone(),
-        fingerprint: fingerprint(digest),
+        fingerprint: fingerprint(digest).into(),
     })
 }
 
@@ -471,7 +471,7 @@ mod tests {
         assert_eq!(&*entry.client_id, "svc-a");
         assert!(entry.has_any_role(&[Arc::from("admin")]));
         assert_eq!(entry.limits, limits());
-        assert_eq!(entry.fingerprint, fingerprint(&d));
+        assert_eq!(&*entry.fingerprint, fingerprint(&d));
         let no_roles = parse_answer(br#"{"client_id":"svc-b"}"#, &d, &limits());
         assert!(no_roles.is_some_and(|e| e.roles.is_empty()));
         for bad in [

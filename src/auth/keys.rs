@@ -48,15 +48,20 @@ pub fn digest(key: &[u8]) -> KeyDigest {
 
 /// `sha256:` + the first 8 hex digits of the digest: identifies a key, never reveals it.
 pub fn fingerprint(d: &KeyDigest) -> String {
-    // Built by hand: `format!` costs more than the rest of a key's compile.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(15);
-    s.push_str("sha256:");
-    for b in &d[..4] {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 15)]));
-    }
+    write_fingerprint(d, &mut s);
     s
+}
+
+/// Appends [`fingerprint`] to `out`. By hand: `format!` costs more than the rest of a key's
+/// compile.
+pub fn write_fingerprint(d: &KeyDigest, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push_str("sha256:");
+    for b in &d[..4] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
 }
 
 /// Parses `sha256:<64 hex>`.
@@ -104,11 +109,13 @@ pub struct KeyEntry {
     pub id: Arc<str>,
     pub namespace: Arc<str>,
     pub client_id: Arc<str>,
-    pub roles: Box<[Arc<str>]>,
+    /// Shared between keys with the same roles.
+    pub roles: Arc<[Arc<str>]>,
     /// Unix seconds after which the key no longer works.
     pub expires_at: Option<i64>,
     pub limits: KeyLimits,
-    pub fingerprint: String,
+    /// Shared with the key's report.
+    pub fingerprint: Arc<str>,
 }
 
 impl KeyEntry {

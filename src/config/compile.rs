@@ -107,6 +107,11 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         ta.cmp(&tb).then(ia.cmp(ib))
     });
 
+    // The conditions of every accepted route whose references resolve: one shared list.
+    let accepted_ok: Arc<[Condition]> = Arc::new([
+        Condition::new("Accepted", true, "Accepted", ""),
+        Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+    ]);
     let mut certs = CertStore::default();
     let mut entries: Vec<(String, Entry)> = Vec::new();
     let mut routes = Vec::new();
@@ -141,11 +146,13 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
                     .collect::<Vec<_>>()
                     .join("; ");
                 reports.push(route_report(
-                    &key,
+                    key,
                     generation,
-                    Condition::new("Accepted", false, "Invalid", msg),
-                    Condition::new("ResolvedRefs", false, "Invalid", "route not accepted"),
-                    &[],
+                    Arc::new([
+                        Condition::new("Accepted", false, "Invalid", msg),
+                        Condition::new("ResolvedRefs", false, "Invalid", "route not accepted"),
+                    ]),
+                    Vec::new(),
                 ));
                 continue;
             }
@@ -173,11 +180,13 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
             );
             problems.push("AgentRoute", &key, "spec.match", "Conflicted", msg.clone());
             reports.push(route_report(
-                &key,
+                key,
                 generation,
-                Condition::new("Accepted", false, "Conflicted", msg),
-                Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
-                &[],
+                Arc::new([
+                    Condition::new("Accepted", false, "Conflicted", msg),
+                    Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+                ]),
+                Vec::new(),
             ));
             continue;
         }
@@ -254,13 +263,12 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         }
         let backend_names: Vec<String> =
             compiled.backends.iter().map(|b| b.id.to_string()).collect();
-        reports.push(route_report(
-            &key,
-            generation,
-            Condition::new("Accepted", true, "Accepted", ""),
-            resolved,
-            &backend_names,
-        ));
+        let conditions = if resolved == accepted_ok[1] {
+            accepted_ok.clone()
+        } else {
+            Arc::new([Condition::new("Accepted", true, "Accepted", ""), resolved])
+        };
+        reports.push(route_report(key, generation, conditions, backend_names));
         routes.push(compiled);
     }
     certs.finish();
@@ -278,19 +286,18 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 }
 
 fn route_report(
-    key: &ObjectKey,
+    key: ObjectKey,
     generation: Option<i64>,
-    accepted: Condition,
-    resolved: Condition,
-    backends: &[String],
+    conditions: Arc<[Condition]>,
+    backends: Vec<String>,
 ) -> ObjectReport {
     ObjectReport {
         kind: "AgentRoute",
-        object: key.clone(),
+        object: key,
         generation,
-        conditions: vec![accepted, resolved],
+        conditions,
         fingerprint: None,
-        backends: backends.to_vec(),
+        backends,
     }
 }
 
@@ -731,17 +738,26 @@ fn compile_keys<'a>(
     // One clock reading per compile: every key is judged against the same instant.
     let now = jiff::Timestamp::now().as_second();
     let mut id = String::new();
+    let mut fp_text = String::new();
+    // The condition of every ready key, and one role list per distinct list: shared.
+    let ready_ok: Arc<[Condition]> = Arc::new([Condition::new("Ready", true, "Ready", "")]);
+    let mut role_lists: HashMap<&'a [String], Arc<[Arc<str>]>> = HashMap::new();
     for (_, k) in ordered {
         let key = object_key(k);
         let spec = &k.spec;
         let generation = k.metadata.generation;
         let report =
-            |key: ObjectKey, ready: bool, reason: &str, msg: String, fp: Option<String>| {
+            |key: ObjectKey, ready: bool, reason: &str, msg: String, fp: Option<Arc<str>>| {
+                let conditions = if ready && reason == "Ready" && msg.is_empty() {
+                    ready_ok.clone()
+                } else {
+                    Arc::new([Condition::new("Ready", ready, reason, msg)])
+                };
                 ObjectReport {
                     kind: "AgentApiKey",
                     object: key,
                     generation,
-                    conditions: vec![Condition::new("Ready", ready, reason, msg)],
+                    conditions,
                     fingerprint: fp,
                     backends: Vec::new(),
                 }
@@ -835,7 +851,9 @@ fn compile_keys<'a>(
                 continue;
             }
         };
-        let fp = keys::fingerprint(&digest);
+        fp_text.clear();
+        keys::write_fingerprint(&digest, &mut fp_text);
+        let fp: Arc<str> = Arc::from(fp_text.as_str());
         if spec.disabled {
             reports.push(report(
                 key,
@@ -863,7 +881,10 @@ fn compile_keys<'a>(
             id: Arc::from(id.as_str()),
             namespace: strings.get(k.metadata.namespace.as_deref().unwrap_or("default")),
             client_id: strings.get(&spec.client_id),
-            roles: spec.roles.iter().map(|r| strings.get(r)).collect(),
+            roles: role_lists
+                .entry(&spec.roles)
+                .or_insert_with(|| spec.roles.iter().map(|r| strings.get(r)).collect())
+                .clone(),
             expires_at,
             limits: KeyLimits {
                 requests_per_minute: rpm,

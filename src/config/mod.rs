@@ -98,10 +98,11 @@ pub struct ObjectReport {
     pub kind: &'static str,
     pub object: ObjectKey,
     pub generation: Option<i64>,
-    pub conditions: Vec<Condition>,
-    /// Key fingerprint (AgentApiKey only).
+    /// Shared between reports that say the same (every ready key, every accepted route).
+    pub conditions: Arc<[Condition]>,
+    /// Key fingerprint (AgentApiKey only), shared with the key's entry.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Arc<str>>,
     /// Backend services of a route (for ready endpoint counts in status).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<String>,

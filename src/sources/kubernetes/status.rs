@@ -98,7 +98,7 @@ pub fn route_status(
     current: Option<&AgentRouteStatus>,
     now: &str,
 ) -> AgentRouteStatus {
-    let mut conditions = report.conditions.clone();
+    let mut conditions = report.conditions.to_vec();
     // Problems found after compile (a backend host that cannot be resolved) count as refs.
     if let Some(p) = snap.problems.iter().find(|p| {
         p.kind == "AgentRoute" && p.object == report.object && p.reason == "BackendNotResolvable"
@@ -153,7 +153,7 @@ pub fn key_status(
             report.generation,
             now,
         ),
-        fingerprint: report.fingerprint.clone(),
+        fingerprint: report.fingerprint.as_deref().map(String::from),
     }
 }
 
@@ -512,7 +512,7 @@ mod tests {
             kind: "AgentApiKey",
             object: ObjectKey::new("ns", "k"),
             generation: Some(1),
-            conditions: vec![Condition::new("Ready", true, "Ready", "")],
+            conditions: [Condition::new("Ready", true, "Ready", "")].into(),
             fingerprint: Some("sha256:abcd0123".into()),
             backends: vec![],
         };
