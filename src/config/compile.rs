@@ -101,7 +101,8 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 
     // Routes, oldest first: ties and conflicts go to the oldest.
     let mut ordered: Vec<(usize, &AgentRoute)> = store.routes.iter().enumerate().collect();
-    ordered.sort_by(|(ia, a), (ib, b)| {
+    // (time, index) is unique: an unstable sort gives the same order as a stable one.
+    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
         ta.cmp(&tb).then(ia.cmp(ib))
@@ -113,10 +114,10 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
     ]);
     let mut certs = CertStore::default();
-    let mut entries: Vec<(String, Entry)> = Vec::new();
-    let mut routes = Vec::new();
-    // (prefix, host) -> indices into `entries` of accepted routes, for conflict detection.
-    let mut seen: HashMap<(String, HostPattern), Vec<usize>> = HashMap::new();
+    // The table's entries by prefix, in acceptance order until RouteTable sorts them; also what
+    // conflict detection reads (no copies of prefixes or hosts to look them up).
+    let mut by_prefix: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
+    let mut routes = Vec::with_capacity(store.routes.len());
 
     for (order, (_, route)) in ordered.into_iter().enumerate() {
         let class = route
@@ -130,7 +131,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         let key = object_key(route);
         let generation = route.metadata.generation;
         let before = problems.list.len();
-        let compiled = compile_route(route, &key, opts, &mut problems);
+        let compiled = compile_route(route, &key, opts, &mut problems, &mut strings);
         let compiled = match compiled {
             Some(c) if problems.list.len() == before => c,
             _ => {
@@ -160,10 +161,10 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 
         // Conflicts with older accepted routes.
         let mut conflict_with: Option<Arc<str>> = None;
-        for host in &compiled.hosts {
-            if let Some(idxs) = seen.get(&(compiled.prefix.clone(), host.clone())) {
-                for &i in idxs {
-                    let other = &entries[i].1.route;
+        if let Some(older) = by_prefix.get(compiled.prefix.as_str()) {
+            for host in &compiled.hosts {
+                for e in older.iter().filter(|e| e.host == *host) {
+                    let other = &e.route;
                     if other.headers == compiled.headers
                         && other.body_field == compiled.body_field
                         && other.methods.overlaps(&compiled.methods)
@@ -246,20 +247,19 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         }
 
         let compiled = Arc::new(compiled);
+        let slot = match by_prefix.get_mut(compiled.prefix.as_str()) {
+            Some(slot) => slot,
+            None => by_prefix
+                .entry(compiled.prefix.as_str().into())
+                .or_insert_with(|| Vec::with_capacity(compiled.hosts.len())),
+        };
         for host in &compiled.hosts {
-            let idx = entries.len();
-            entries.push((
-                compiled.prefix.clone(),
-                Entry {
-                    host: host.clone(),
-                    route: compiled.clone(),
-                    specificity: host.specificity(),
-                    order: order as u64,
-                },
-            ));
-            seen.entry((compiled.prefix.clone(), host.clone()))
-                .or_default()
-                .push(idx);
+            slot.push(Entry {
+                host: host.clone(),
+                route: compiled.clone(),
+                specificity: host.specificity(),
+                order: order as u64,
+            });
         }
         let backend_names: Vec<String> =
             compiled.backends.iter().map(|b| b.id.to_string()).collect();
@@ -275,7 +275,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 
     Snapshot {
         generation: opts.generation,
-        routes: RouteTable::new(entries, routes),
+        routes: RouteTable::new(by_prefix, routes),
         keys,
         certs,
         problems: problems.list,
@@ -371,11 +371,12 @@ fn duration_field(
     }
 }
 
-fn compile_route(
-    route: &AgentRoute,
+fn compile_route<'a>(
+    route: &'a AgentRoute,
     key: &ObjectKey,
     opts: &CompileOptions,
     problems: &mut Problems<'_>,
+    strings: &mut Interner<'a>,
 ) -> Option<CompiledRoute> {
     let spec = &route.spec;
     let mut bad = |field: &str, message: String| {
@@ -495,12 +496,19 @@ fn compile_route(
         }
     };
 
-    let a = spec.auth.clone().unwrap_or_default();
-    let auth = CompiledAuth {
-        required: a.required.unwrap_or(true),
-        roles: a.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
-        any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
-        allow_namespaces: a.allow_namespaces.clone(),
+    let auth = match &spec.auth {
+        None => CompiledAuth {
+            required: true,
+            roles: Vec::new(),
+            any_namespace: false,
+            allow_namespaces: Vec::new(),
+        },
+        Some(a) => CompiledAuth {
+            required: a.required.unwrap_or(true),
+            roles: a.roles.iter().map(|r| strings.get(r)).collect(),
+            any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
+            allow_namespaces: a.allow_namespaces.clone(),
+        },
     };
 
     let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
@@ -541,7 +549,7 @@ fn compile_route(
             }
         });
 
-    let namespace: Arc<str> = Arc::from(key.namespace.as_str());
+    let namespace = strings.get(route.metadata.namespace.as_deref().unwrap_or("default"));
     let mut backends = Vec::new();
     if spec.backends.is_empty() {
         problems.push(
@@ -662,7 +670,13 @@ fn compile_route(
     });
 
     Some(CompiledRoute {
-        id: Arc::from(key.to_string().as_str()),
+        id: {
+            let mut id = String::with_capacity(key.namespace.len() + 1 + key.name.len());
+            id.push_str(&key.namespace);
+            id.push('/');
+            id.push_str(&key.name);
+            Arc::from(id)
+        },
         namespace,
         name: key.name.clone(),
         hosts,

@@ -40,19 +40,18 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub(crate) fn new(mut entries: Vec<(String, Entry)>, routes: Vec<Arc<CompiledRoute>>) -> Self {
-        entries.sort_by(|(pa, a), (pb, b)| {
-            pa.cmp(pb)
-                .then(b.specificity.cmp(&a.specificity))
-                .then(b.route.conditions.cmp(&a.route.conditions))
-                .then(a.order.cmp(&b.order))
-        });
-        let mut by_prefix: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
-        for (prefix, entry) in entries {
-            by_prefix
-                .entry(prefix.into_boxed_str())
-                .or_default()
-                .push(entry);
+    /// From the entries of each prefix (any order); sorts each prefix's entries.
+    pub(crate) fn new(
+        mut by_prefix: HashMap<Box<str>, Vec<Entry>>,
+        routes: Vec<Arc<CompiledRoute>>,
+    ) -> Self {
+        for entries in by_prefix.values_mut() {
+            entries.sort_by(|a, b| {
+                b.specificity
+                    .cmp(&a.specificity)
+                    .then(b.route.conditions.cmp(&a.route.conditions))
+                    .then(a.order.cmp(&b.order))
+            });
         }
         Self { by_prefix, routes }
     }
