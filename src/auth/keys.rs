@@ -48,19 +48,36 @@ pub fn digest(key: &[u8]) -> KeyDigest {
 
 /// `sha256:` + the first 8 hex digits of the digest: identifies a key, never reveals it.
 pub fn fingerprint(d: &KeyDigest) -> String {
-    let mut s = String::with_capacity(15);
-    write_fingerprint(d, &mut s);
-    s
+    Fingerprint::of(d).to_string()
 }
 
-/// Appends [`fingerprint`] to `out`. By hand: `format!` costs more than the rest of a key's
-/// compile.
-pub fn write_fingerprint(d: &KeyDigest, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push_str("sha256:");
-    for b in &d[..4] {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
+/// A key's [`fingerprint`], held as the 4 digest bytes it shows (no allocation per key);
+/// displays and serializes as `sha256:` + 8 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 4]);
+
+impl Fingerprint {
+    pub fn of(d: &KeyDigest) -> Self {
+        Self([d[0], d[1], d[2], d[3]])
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d] = self.0;
+        write!(f, "sha256:{a:02x}{b:02x}{c:02x}{d:02x}")
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+impl Serialize for Fingerprint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -114,8 +131,7 @@ pub struct KeyEntry {
     /// Unix seconds after which the key no longer works.
     pub expires_at: Option<i64>,
     pub limits: KeyLimits,
-    /// Shared with the key's report.
-    pub fingerprint: Arc<str>,
+    pub fingerprint: Fingerprint,
 }
 
 impl KeyEntry {
@@ -188,5 +204,11 @@ mod tests {
         assert_eq!(parse_key_hash(&text), Some(d));
         assert_eq!(parse_key_hash("sha256:zz"), None);
         assert_eq!(fingerprint(&d), "sha256:ba7816bf");
+        let fp = Fingerprint::of(&d);
+        assert_eq!(format!("{fp:?}"), "\"sha256:ba7816bf\"");
+        assert_eq!(
+            serde_json::to_string(&fp).unwrap_or_default(),
+            "\"sha256:ba7816bf\""
+        );
     }
 }

@@ -752,7 +752,6 @@ fn compile_keys<'a>(
     // One clock reading per compile: every key is judged against the same instant.
     let now = jiff::Timestamp::now().as_second();
     let mut id = String::new();
-    let mut fp_text = String::new();
     // The condition of every ready key, and one role list per distinct list: shared.
     let ready_ok: Arc<[Condition]> = Arc::new([Condition::new("Ready", true, "Ready", "")]);
     let mut role_lists: HashMap<&'a [String], Arc<[Arc<str>]>> = HashMap::new();
@@ -760,22 +759,25 @@ fn compile_keys<'a>(
         let key = object_key(k);
         let spec = &k.spec;
         let generation = k.metadata.generation;
-        let report =
-            |key: ObjectKey, ready: bool, reason: &str, msg: String, fp: Option<Arc<str>>| {
-                let conditions = if ready && reason == "Ready" && msg.is_empty() {
-                    ready_ok.clone()
-                } else {
-                    Arc::new([Condition::new("Ready", ready, reason, msg)])
-                };
-                ObjectReport {
-                    kind: "AgentApiKey",
-                    object: key,
-                    generation,
-                    conditions,
-                    fingerprint: fp,
-                    backends: Vec::new(),
-                }
+        let report = |key: ObjectKey,
+                      ready: bool,
+                      reason: &str,
+                      msg: String,
+                      fp: Option<keys::Fingerprint>| {
+            let conditions = if ready && reason == "Ready" && msg.is_empty() {
+                ready_ok.clone()
+            } else {
+                Arc::new([Condition::new("Ready", ready, reason, msg)])
             };
+            ObjectReport {
+                kind: "AgentApiKey",
+                object: key,
+                generation,
+                conditions,
+                fingerprint: fp,
+                backends: Vec::new(),
+            }
+        };
         if spec.client_id.is_empty() {
             problems.push(
                 "AgentApiKey",
@@ -865,9 +867,7 @@ fn compile_keys<'a>(
                 continue;
             }
         };
-        fp_text.clear();
-        keys::write_fingerprint(&digest, &mut fp_text);
-        let fp: Arc<str> = Arc::from(fp_text.as_str());
+        let fp = keys::Fingerprint::of(&digest);
         if spec.disabled {
             reports.push(report(
                 key,
@@ -905,7 +905,7 @@ fn compile_keys<'a>(
                 burst: rl.burst.unwrap_or(rpm).max(1),
                 tokens_per_minute: rl.tokens_per_minute,
             },
-            fingerprint: fp.clone(),
+            fingerprint: fp,
         };
         store_out.insert(digest, Arc::new(entry));
         if expires_at.is_some_and(|t| now >= t) {

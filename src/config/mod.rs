@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Secret;
 use serde::Serialize;
 
 use crate::api::{AgentApiKey, AgentRoute, Condition};
-use crate::auth::keys::KeyStore;
+use crate::auth::keys::{Fingerprint, KeyStore};
 use crate::balance::endpoints::EndpointSet;
 
 pub use compile::{compile, CompileOptions};
@@ -100,9 +100,9 @@ pub struct ObjectReport {
     pub generation: Option<i64>,
     /// Shared between reports that say the same (every ready key, every accepted route).
     pub conditions: Arc<[Condition]>,
-    /// Key fingerprint (AgentApiKey only), shared with the key's entry.
+    /// Key fingerprint (AgentApiKey only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<Arc<str>>,
+    pub fingerprint: Option<Fingerprint>,
     /// Backend services of a route (for ready endpoint counts in status).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<String>,

@@ -153,7 +153,7 @@ pub fn key_status(
             report.generation,
             now,
         ),
-        fingerprint: report.fingerprint.as_deref().map(String::from),
+        fingerprint: report.fingerprint.map(|f| f.to_string()),
     }
 }
 
@@ -513,7 +513,7 @@ mod tests {
             object: ObjectKey::new("ns", "k"),
             generation: Some(1),
             conditions: [Condition::new("Ready", true, "Ready", "")].into(),
-            fingerprint: Some("sha256:abcd0123".into()),
+            fingerprint: Some(crate::auth::keys::Fingerprint::of(&[0xab; 32])),
             backends: vec![],
         };
         let first = key_status(&report, None, "2026-01-01T00:00:00Z");
