@@ -77,14 +77,12 @@ impl<'a> Interner<'a> {
     }
 }
 
-fn object_key<K: kube::Resource>(obj: &K) -> ObjectKey {
+fn object_key<'a, K: kube::Resource>(obj: &'a K, strings: &mut Interner<'a>) -> ObjectKey {
     let meta = obj.meta();
-    ObjectKey::new(
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_string()),
-        meta.name.clone().unwrap_or_default(),
-    )
+    ObjectKey {
+        namespace: strings.get(meta.namespace.as_deref().unwrap_or("default")),
+        name: Arc::from(meta.name.as_deref().unwrap_or_default()),
+    }
 }
 
 /// Compiles the store. Pure: same store and options, same snapshot.
@@ -128,7 +126,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         if class != opts.gateway_class {
             continue;
         }
-        let key = object_key(route);
+        let key = object_key(route, &mut strings);
         let generation = route.metadata.generation;
         let before = problems.list.len();
         let compiled = compile_route(route, &key, opts, &mut problems, &mut strings);
@@ -549,7 +547,7 @@ fn compile_route<'a>(
             }
         });
 
-    let namespace = strings.get(route.metadata.namespace.as_deref().unwrap_or("default"));
+    let namespace = key.namespace.clone();
     let mut backends = Vec::new();
     if spec.backends.is_empty() {
         problems.push(
@@ -678,7 +676,7 @@ fn compile_route<'a>(
             Arc::from(id)
         },
         namespace,
-        name: key.name.clone(),
+        name: key.name.to_string(),
         hosts,
         prefix,
         methods: MethodSet { methods, allow },
@@ -756,7 +754,7 @@ fn compile_keys<'a>(
     let ready_ok: Arc<[Condition]> = Arc::new([Condition::new("Ready", true, "Ready", "")]);
     let mut role_lists: HashMap<&'a [String], Arc<[Arc<str>]>> = HashMap::new();
     for (_, k) in ordered {
-        let key = object_key(k);
+        let key = object_key(k, strings);
         let spec = &k.spec;
         let generation = k.metadata.generation;
         let report = |key: ObjectKey,
@@ -893,7 +891,7 @@ fn compile_keys<'a>(
         id.push_str(&key.name);
         let entry = KeyEntry {
             id: Arc::from(id.as_str()),
-            namespace: strings.get(k.metadata.namespace.as_deref().unwrap_or("default")),
+            namespace: key.namespace.clone(),
             client_id: strings.get(&spec.client_id),
             roles: role_lists
                 .entry(&spec.roles)

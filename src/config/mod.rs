@@ -24,18 +24,19 @@ pub use compile::{compile, CompileOptions};
 pub use route::CompiledRoute;
 pub use table::{Match, RouteTable};
 
-/// `namespace/name` of an object.
+/// `namespace/name` of an object. `Arc<str>` so that the 100,000 reports of a compile share
+/// their namespaces instead of holding a copy each.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: Arc::from(namespace.as_ref()),
+            name: Arc::from(name.as_ref()),
         }
     }
 }
