@@ -90,8 +90,11 @@ impl RouteTable {
             if candidate.len() <= 1 {
                 return Match::NotFound;
             }
-            // Cut the last segment; a trailing slash counts as a segment of its own.
-            candidate = match candidate.rfind('/') {
+            // Cut the last segment; a trailing slash counts as a segment of its own. A byte
+            // search: `/` is one byte and never part of another UTF-8 character, and unlike
+            // `rfind('/')` it does not depend on the generic char searcher being inlined (when
+            // it was not, every cut cost a memcmp call: +25 % on the match benches).
+            candidate = match candidate.as_bytes().iter().rposition(|&b| b == b'/') {
                 Some(0) => "/",
                 Some(i) => &candidate[..i],
                 None => return Match::NotFound,
