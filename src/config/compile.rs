@@ -2,7 +2,7 @@
 //! server's schema would (standalone has no API server), resolves references, orders routes,
 //! resolves conflicts, and reports every problem per object. A broken object never breaks another.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
@@ -64,14 +64,25 @@ impl Problems<'_> {
     }
 }
 
-fn object_key<K: kube::Resource>(obj: &K) -> ObjectKey {
+/// Shares one `Arc<str>` per distinct string of the store (namespaces, client ids, roles): 100,000
+/// keys name 50 namespaces and a few roles, so most of them need no allocation of their own.
+#[derive(Default)]
+struct Interner<'a> {
+    map: HashMap<&'a str, Arc<str>>,
+}
+
+impl<'a> Interner<'a> {
+    fn get(&mut self, s: &'a str) -> Arc<str> {
+        self.map.entry(s).or_insert_with(|| Arc::from(s)).clone()
+    }
+}
+
+fn object_key<'a, K: kube::Resource>(obj: &'a K, strings: &mut Interner<'a>) -> ObjectKey {
     let meta = obj.meta();
-    ObjectKey::new(
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_string()),
-        meta.name.clone().unwrap_or_default(),
-    )
+    ObjectKey {
+        namespace: strings.get(meta.namespace.as_deref().unwrap_or("default")),
+        name: Arc::from(meta.name.as_deref().unwrap_or_default()),
+    }
 }
 
 /// Compiles the store. Pure: same store and options, same snapshot.
@@ -80,24 +91,31 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         store,
         list: Vec::new(),
     };
-    let mut reports = Vec::new();
+    let mut reports = Vec::with_capacity(store.keys.len() + store.routes.len());
+    let mut strings = Interner::default();
 
     // Keys first (routes do not depend on them, but reports read better in this order).
-    let keys = compile_keys(store, opts, &mut problems, &mut reports);
+    let keys = compile_keys(store, opts, &mut problems, &mut reports, &mut strings);
 
     // Routes, oldest first: ties and conflicts go to the oldest.
     let mut ordered: Vec<(usize, &AgentRoute)> = store.routes.iter().enumerate().collect();
-    ordered.sort_by(|(ia, a), (ib, b)| {
+    // (time, index) is unique: an unstable sort gives the same order as a stable one.
+    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
         ta.cmp(&tb).then(ia.cmp(ib))
     });
 
+    // The conditions of every accepted route whose references resolve: one shared list.
+    let accepted_ok: Arc<[Condition]> = Arc::new([
+        Condition::new("Accepted", true, "Accepted", ""),
+        Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+    ]);
     let mut certs = CertStore::default();
-    let mut entries: Vec<(String, Entry)> = Vec::new();
-    let mut routes = Vec::new();
-    // (prefix, host) -> indices into `entries` of accepted routes, for conflict detection.
-    let mut seen: HashMap<(String, HostPattern), Vec<usize>> = HashMap::new();
+    // The table's entries by prefix, in acceptance order until RouteTable sorts them; also what
+    // conflict detection reads (no copies of prefixes or hosts to look them up).
+    let mut by_prefix: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
+    let mut routes = Vec::with_capacity(store.routes.len());
 
     for (order, (_, route)) in ordered.into_iter().enumerate() {
         let class = route
@@ -108,10 +126,10 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         if class != opts.gateway_class {
             continue;
         }
-        let key = object_key(route);
+        let key = object_key(route, &mut strings);
         let generation = route.metadata.generation;
         let before = problems.list.len();
-        let compiled = compile_route(route, &key, opts, &mut problems);
+        let compiled = compile_route(route, &key, opts, &mut problems, &mut strings);
         let compiled = match compiled {
             Some(c) if problems.list.len() == before => c,
             _ => {
@@ -127,11 +145,13 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
                     .collect::<Vec<_>>()
                     .join("; ");
                 reports.push(route_report(
-                    &key,
+                    key,
                     generation,
-                    Condition::new("Accepted", false, "Invalid", msg),
-                    Condition::new("ResolvedRefs", false, "Invalid", "route not accepted"),
-                    &[],
+                    Arc::new([
+                        Condition::new("Accepted", false, "Invalid", msg),
+                        Condition::new("ResolvedRefs", false, "Invalid", "route not accepted"),
+                    ]),
+                    Vec::new(),
                 ));
                 continue;
             }
@@ -139,10 +159,10 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 
         // Conflicts with older accepted routes.
         let mut conflict_with: Option<Arc<str>> = None;
-        for host in &compiled.hosts {
-            if let Some(idxs) = seen.get(&(compiled.prefix.clone(), host.clone())) {
-                for &i in idxs {
-                    let other = &entries[i].1.route;
+        if let Some(older) = by_prefix.get(compiled.prefix.as_str()) {
+            for host in &compiled.hosts {
+                for e in older.iter().filter(|e| e.host == *host) {
+                    let other = &e.route;
                     if other.headers == compiled.headers
                         && other.body_field == compiled.body_field
                         && other.methods.overlaps(&compiled.methods)
@@ -159,11 +179,13 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
             );
             problems.push("AgentRoute", &key, "spec.match", "Conflicted", msg.clone());
             reports.push(route_report(
-                &key,
+                key,
                 generation,
-                Condition::new("Accepted", false, "Conflicted", msg),
-                Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
-                &[],
+                Arc::new([
+                    Condition::new("Accepted", false, "Conflicted", msg),
+                    Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+                ]),
+                Vec::new(),
             ));
             continue;
         }
@@ -223,37 +245,35 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         }
 
         let compiled = Arc::new(compiled);
+        let slot = match by_prefix.get_mut(compiled.prefix.as_str()) {
+            Some(slot) => slot,
+            None => by_prefix
+                .entry(compiled.prefix.as_str().into())
+                .or_insert_with(|| Vec::with_capacity(compiled.hosts.len())),
+        };
         for host in &compiled.hosts {
-            let idx = entries.len();
-            entries.push((
-                compiled.prefix.clone(),
-                Entry {
-                    host: host.clone(),
-                    route: compiled.clone(),
-                    specificity: host.specificity(),
-                    order: order as u64,
-                },
-            ));
-            seen.entry((compiled.prefix.clone(), host.clone()))
-                .or_default()
-                .push(idx);
+            slot.push(Entry {
+                host: host.clone(),
+                route: compiled.clone(),
+                specificity: host.specificity(),
+                order: order as u64,
+            });
         }
         let backend_names: Vec<String> =
             compiled.backends.iter().map(|b| b.id.to_string()).collect();
-        reports.push(route_report(
-            &key,
-            generation,
-            Condition::new("Accepted", true, "Accepted", ""),
-            resolved,
-            &backend_names,
-        ));
+        let conditions = if resolved == accepted_ok[1] {
+            accepted_ok.clone()
+        } else {
+            Arc::new([Condition::new("Accepted", true, "Accepted", ""), resolved])
+        };
+        reports.push(route_report(key, generation, conditions, backend_names));
         routes.push(compiled);
     }
     certs.finish();
 
     Snapshot {
         generation: opts.generation,
-        routes: RouteTable::new(entries, routes),
+        routes: RouteTable::new(by_prefix, routes),
         keys,
         certs,
         problems: problems.list,
@@ -264,19 +284,18 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 }
 
 fn route_report(
-    key: &ObjectKey,
+    key: ObjectKey,
     generation: Option<i64>,
-    accepted: Condition,
-    resolved: Condition,
-    backends: &[String],
+    conditions: Arc<[Condition]>,
+    backends: Vec<String>,
 ) -> ObjectReport {
     ObjectReport {
         kind: "AgentRoute",
-        object: key.clone(),
+        object: key,
         generation,
-        conditions: vec![accepted, resolved],
+        conditions,
         fingerprint: None,
-        backends: backends.to_vec(),
+        backends,
     }
 }
 
@@ -350,11 +369,12 @@ fn duration_field(
     }
 }
 
-fn compile_route(
-    route: &AgentRoute,
+fn compile_route<'a>(
+    route: &'a AgentRoute,
     key: &ObjectKey,
     opts: &CompileOptions,
     problems: &mut Problems<'_>,
+    strings: &mut Interner<'a>,
 ) -> Option<CompiledRoute> {
     let spec = &route.spec;
     let mut bad = |field: &str, message: String| {
@@ -474,12 +494,19 @@ fn compile_route(
         }
     };
 
-    let a = spec.auth.clone().unwrap_or_default();
-    let auth = CompiledAuth {
-        required: a.required.unwrap_or(true),
-        roles: a.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
-        any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
-        allow_namespaces: a.allow_namespaces.clone(),
+    let auth = match &spec.auth {
+        None => CompiledAuth {
+            required: true,
+            roles: Vec::new(),
+            any_namespace: false,
+            allow_namespaces: Vec::new(),
+        },
+        Some(a) => CompiledAuth {
+            required: a.required.unwrap_or(true),
+            roles: a.roles.iter().map(|r| strings.get(r)).collect(),
+            any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
+            allow_namespaces: a.allow_namespaces.clone(),
+        },
     };
 
     let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
@@ -520,7 +547,7 @@ fn compile_route(
             }
         });
 
-    let namespace: Arc<str> = Arc::from(key.namespace.as_str());
+    let namespace = key.namespace.clone();
     let mut backends = Vec::new();
     if spec.backends.is_empty() {
         problems.push(
@@ -641,9 +668,15 @@ fn compile_route(
     });
 
     Some(CompiledRoute {
-        id: Arc::from(key.to_string().as_str()),
+        id: {
+            let mut id = String::with_capacity(key.namespace.len() + 1 + key.name.len());
+            id.push_str(&key.namespace);
+            id.push('/');
+            id.push_str(&key.name);
+            Arc::from(id)
+        },
         namespace,
-        name: key.name.clone(),
+        name: key.name.to_string(),
         hosts,
         prefix,
         methods: MethodSet { methods, allow },
@@ -699,30 +732,49 @@ pub fn parse_backend_url(url: &str) -> Result<BackendTarget, String> {
     })
 }
 
-fn compile_keys(
-    store: &Store,
+fn compile_keys<'a>(
+    store: &'a Store,
     opts: &CompileOptions,
     problems: &mut Problems<'_>,
     reports: &mut Vec<ObjectReport>,
+    strings: &mut Interner<'a>,
 ) -> KeyStore {
     let mut ordered: Vec<(usize, &AgentApiKey)> = store.keys.iter().enumerate().collect();
-    ordered.sort_by(|(ia, a), (ib, b)| {
+    // (time, index) is unique: an unstable sort gives the same order as a stable one.
+    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
         ta.cmp(&tb).then(ia.cmp(ib))
     });
-    let mut store_out = KeyStore::default();
-    let mut owners: BTreeMap<keys::KeyDigest, ObjectKey> = BTreeMap::new();
+    let mut store_out = KeyStore::with_capacity(store.keys.len());
+    // One clock reading per compile: every key is judged against the same instant.
+    let now = jiff::Timestamp::now().as_second();
+    let mut id = String::new();
+    // The condition of every ready key, and one role list per distinct list: shared.
+    let ready_ok: Arc<[Condition]> = Arc::new([Condition::new("Ready", true, "Ready", "")]);
+    let mut role_lists: HashMap<&'a [String], Arc<[Arc<str>]>> = HashMap::new();
     for (_, k) in ordered {
-        let key = object_key(k);
+        let key = object_key(k, strings);
         let spec = &k.spec;
-        let report = |ready: bool, reason: &str, msg: String, fp: Option<String>| ObjectReport {
-            kind: "AgentApiKey",
-            object: key.clone(),
-            generation: k.metadata.generation,
-            conditions: vec![Condition::new("Ready", ready, reason, msg)],
-            fingerprint: fp,
-            backends: Vec::new(),
+        let generation = k.metadata.generation;
+        let report = |key: ObjectKey,
+                      ready: bool,
+                      reason: &str,
+                      msg: String,
+                      fp: Option<keys::Fingerprint>| {
+            let conditions = if ready && reason == "Ready" && msg.is_empty() {
+                ready_ok.clone()
+            } else {
+                Arc::new([Condition::new("Ready", ready, reason, msg)])
+            };
+            ObjectReport {
+                kind: "AgentApiKey",
+                object: key,
+                generation,
+                conditions,
+                fingerprint: fp,
+                backends: Vec::new(),
+            }
         };
         if spec.client_id.is_empty() {
             problems.push(
@@ -733,6 +785,7 @@ fn compile_keys(
                 "is required".into(),
             );
             reports.push(report(
+                key,
                 false,
                 "Invalid",
                 "spec.clientId is required".into(),
@@ -753,7 +806,7 @@ fn compile_keys(
                         "Invalid",
                         msg.clone(),
                     );
-                    reports.push(report(false, "Invalid", msg, None));
+                    reports.push(report(key, false, "Invalid", msg, None));
                     continue;
                 }
             },
@@ -777,7 +830,7 @@ fn compile_keys(
                                 "SecretNotFound",
                                 msg.clone(),
                             );
-                            reports.push(report(false, "SecretNotFound", msg, None));
+                            reports.push(report(key, false, "SecretNotFound", msg, None));
                             continue;
                         }
                         keys::digest(trimmed)
@@ -791,7 +844,7 @@ fn compile_keys(
                             "SecretNotFound",
                             msg.clone(),
                         );
-                        reports.push(report(false, "SecretNotFound", msg, None));
+                        reports.push(report(key, false, "SecretNotFound", msg, None));
                         continue;
                     }
                 }
@@ -801,20 +854,21 @@ fn compile_keys(
                 None => {
                     let msg = "must be sha256: followed by 64 lower-case hex digits".to_string();
                     problems.push("AgentApiKey", &key, "spec.keyHash", "Invalid", msg.clone());
-                    reports.push(report(false, "Invalid", msg, None));
+                    reports.push(report(key, false, "Invalid", msg, None));
                     continue;
                 }
             },
             _ => {
                 let msg = "set exactly one of secretRef and keyHash".to_string();
                 problems.push("AgentApiKey", &key, "spec", "Invalid", msg.clone());
-                reports.push(report(false, "Invalid", msg, None));
+                reports.push(report(key, false, "Invalid", msg, None));
                 continue;
             }
         };
-        let fp = keys::fingerprint(&digest);
+        let fp = keys::Fingerprint::of(&digest);
         if spec.disabled {
             reports.push(report(
+                key,
                 false,
                 "Disabled",
                 "the key is disabled".into(),
@@ -822,39 +876,46 @@ fn compile_keys(
             ));
             continue;
         }
-        if let Some(owner) = owners.get(&digest) {
-            let msg = format!("the same key is already defined by {owner}");
+        // The key table answers who owns a digest: its entry's id is the owner's `namespace/name`.
+        if let Some(owner) = store_out.get(&digest) {
+            let msg = format!("the same key is already defined by {}", owner.id);
             problems.push("AgentApiKey", &key, "spec", "Conflicted", msg.clone());
-            reports.push(report(false, "Conflicted", msg, Some(fp)));
+            reports.push(report(key, false, "Conflicted", msg, Some(fp)));
             continue;
         }
         let rl = spec.rate_limit.clone().unwrap_or_default();
         let rpm = rl.requests_per_minute.unwrap_or(opts.default_rpm).max(1);
+        id.clear();
+        id.push_str(&key.namespace);
+        id.push('/');
+        id.push_str(&key.name);
         let entry = KeyEntry {
-            id: Arc::from(key.to_string().as_str()),
-            namespace: Arc::from(key.namespace.as_str()),
-            client_id: Arc::from(spec.client_id.as_str()),
-            roles: spec.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
+            id: Arc::from(id.as_str()),
+            namespace: key.namespace.clone(),
+            client_id: strings.get(&spec.client_id),
+            roles: role_lists
+                .entry(&spec.roles)
+                .or_insert_with(|| spec.roles.iter().map(|r| strings.get(r)).collect())
+                .clone(),
             expires_at,
             limits: KeyLimits {
                 requests_per_minute: rpm,
                 burst: rl.burst.unwrap_or(rpm).max(1),
                 tokens_per_minute: rl.tokens_per_minute,
             },
-            fingerprint: fp.clone(),
+            fingerprint: fp,
         };
-        owners.insert(digest, key.clone());
         store_out.insert(digest, Arc::new(entry));
-        let now = jiff::Timestamp::now().as_second();
         if expires_at.is_some_and(|t| now >= t) {
             reports.push(report(
+                key,
                 false,
                 "Expired",
                 "the key has expired".into(),
                 Some(fp),
             ));
         } else {
-            reports.push(report(true, "Ready", String::new(), Some(fp)));
+            reports.push(report(key, true, "Ready", String::new(), Some(fp)));
         }
     }
     store_out

@@ -17,25 +17,26 @@ use k8s_openapi::api::core::v1::Secret;
 use serde::Serialize;
 
 use crate::api::{AgentApiKey, AgentRoute, Condition};
-use crate::auth::keys::KeyStore;
+use crate::auth::keys::{Fingerprint, KeyStore};
 use crate::balance::endpoints::EndpointSet;
 
 pub use compile::{compile, CompileOptions};
 pub use route::CompiledRoute;
 pub use table::{Match, RouteTable};
 
-/// `namespace/name` of an object.
+/// `namespace/name` of an object. `Arc<str>` so that the 100,000 reports of a compile share
+/// their namespaces instead of holding a copy each.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: Arc::from(namespace.as_ref()),
+            name: Arc::from(name.as_ref()),
         }
     }
 }
@@ -98,10 +99,11 @@ pub struct ObjectReport {
     pub kind: &'static str,
     pub object: ObjectKey,
     pub generation: Option<i64>,
-    pub conditions: Vec<Condition>,
+    /// Shared between reports that say the same (every ready key, every accepted route).
+    pub conditions: Arc<[Condition]>,
     /// Key fingerprint (AgentApiKey only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Fingerprint>,
     /// Backend services of a route (for ready endpoint counts in status).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<String>,

@@ -40,19 +40,18 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub(crate) fn new(mut entries: Vec<(String, Entry)>, routes: Vec<Arc<CompiledRoute>>) -> Self {
-        entries.sort_by(|(pa, a), (pb, b)| {
-            pa.cmp(pb)
-                .then(b.specificity.cmp(&a.specificity))
-                .then(b.route.conditions.cmp(&a.route.conditions))
-                .then(a.order.cmp(&b.order))
-        });
-        let mut by_prefix: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
-        for (prefix, entry) in entries {
-            by_prefix
-                .entry(prefix.into_boxed_str())
-                .or_default()
-                .push(entry);
+    /// From the entries of each prefix (any order); sorts each prefix's entries.
+    pub(crate) fn new(
+        mut by_prefix: HashMap<Box<str>, Vec<Entry>>,
+        routes: Vec<Arc<CompiledRoute>>,
+    ) -> Self {
+        for entries in by_prefix.values_mut() {
+            entries.sort_by(|a, b| {
+                b.specificity
+                    .cmp(&a.specificity)
+                    .then(b.route.conditions.cmp(&a.route.conditions))
+                    .then(a.order.cmp(&b.order))
+            });
         }
         Self { by_prefix, routes }
     }
@@ -91,8 +90,11 @@ impl RouteTable {
             if candidate.len() <= 1 {
                 return Match::NotFound;
             }
-            // Cut the last segment; a trailing slash counts as a segment of its own.
-            candidate = match candidate.rfind('/') {
+            // Cut the last segment; a trailing slash counts as a segment of its own. A byte
+            // search: `/` is one byte and never part of another UTF-8 character, and unlike
+            // `rfind('/')` it does not depend on the generic char searcher being inlined (when
+            // it was not, every cut cost a memcmp call: +25 % on the match benches).
+            candidate = match candidate.as_bytes().iter().rposition(|&b| b == b'/') {
                 Some(0) => "/",
                 Some(i) => &candidate[..i],
                 None => return Match::NotFound,

@@ -164,7 +164,7 @@ fn conflicts_go_to_the_oldest_and_the_loser_is_reported() {
     let loser = s
         .reports
         .iter()
-        .find(|r| r.object.name == "second")
+        .find(|r| &*r.object.name == "second")
         .expect("report for the loser");
     assert_eq!(loser.conditions[0].reason, "Conflicted");
     assert!(s.problems.iter().any(|p| p.reason == "Conflicted"));
@@ -220,7 +220,7 @@ fn gateway_class_filters_routes() {
     );
     let s = snap(&st);
     assert_eq!(s.routes.len(), 1);
-    assert!(s.reports.iter().all(|r| r.object.name != "other"));
+    assert!(s.reports.iter().all(|r| &*r.object.name != "other"));
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn keys_by_secret_or_hash_and_their_problems() {
     assert!(s
         .problems
         .iter()
-        .any(|p| p.reason == "SecretNotFound" && p.object.name == "missing"));
+        .any(|p| p.reason == "SecretNotFound" && &*p.object.name == "missing"));
     // Nothing in the snapshot's debug output holds a plain key.
     let dbg = format!("{s:?} {:?}", s.keys);
     assert!(!dbg.contains("secret-key") && !dbg.contains("hash-key"));

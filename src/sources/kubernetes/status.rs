@@ -98,7 +98,7 @@ pub fn route_status(
     current: Option<&AgentRouteStatus>,
     now: &str,
 ) -> AgentRouteStatus {
-    let mut conditions = report.conditions.clone();
+    let mut conditions = report.conditions.to_vec();
     // Problems found after compile (a backend host that cannot be resolved) count as refs.
     if let Some(p) = snap.problems.iter().find(|p| {
         p.kind == "AgentRoute" && p.object == report.object && p.reason == "BackendNotResolvable"
@@ -153,7 +153,7 @@ pub fn key_status(
             report.generation,
             now,
         ),
-        fingerprint: report.fingerprint.clone(),
+        fingerprint: report.fingerprint.map(|f| f.to_string()),
     }
 }
 
@@ -512,8 +512,8 @@ mod tests {
             kind: "AgentApiKey",
             object: ObjectKey::new("ns", "k"),
             generation: Some(1),
-            conditions: vec![Condition::new("Ready", true, "Ready", "")],
-            fingerprint: Some("sha256:abcd0123".into()),
+            conditions: [Condition::new("Ready", true, "Ready", "")].into(),
+            fingerprint: Some(crate::auth::keys::Fingerprint::of(&[0xab; 32])),
             backends: vec![],
         };
         let first = key_status(&report, None, "2026-01-01T00:00:00Z");

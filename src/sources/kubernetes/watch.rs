@@ -150,14 +150,14 @@ impl Reflectors {
 
     /// Whether a route or key names this Secret (else its changes cannot matter).
     pub fn is_referenced(&self, secret: &ObjectKey) -> bool {
-        let in_ns = |ns: &Option<String>| ns.as_deref() == Some(secret.namespace.as_str());
+        let in_ns = |ns: &Option<String>| ns.as_deref() == Some(&*secret.namespace);
         self.routes.iter().any(|s| {
             s.find(|r| {
                 in_ns(&r.metadata.namespace)
                     && r.spec
                         .tls
                         .as_ref()
-                        .is_some_and(|t| t.secret_name == secret.name)
+                        .is_some_and(|t| *t.secret_name == *secret.name)
             })
             .is_some()
         }) || self.keys.iter().any(|s| {
@@ -166,7 +166,7 @@ impl Reflectors {
                     && k.spec
                         .secret_ref
                         .as_ref()
-                        .is_some_and(|r| r.name == secret.name)
+                        .is_some_and(|r| *r.name == *secret.name)
             })
             .is_some()
         })
@@ -354,7 +354,7 @@ impl EndpointMapper {
         for s in &r.services {
             for svc in s.state() {
                 let k = key_of(&*svc);
-                ids.insert((k.namespace, k.name));
+                ids.insert((k.namespace.to_string(), k.name.to_string()));
             }
         }
         for (ns, name) in ids {
