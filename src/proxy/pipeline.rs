@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use super::body::{BodyTap, ProxyBody};
 use super::error::{LimitHeaders, ProxyError};
 use super::headers::{self, X_API_KEY, X_CLIENT_ID, X_REQUEST_ID};
-use super::upstream::{Connect, Lease};
+use super::upstream::{Connect, Lease, TlsTarget};
 use super::Gateway;
 use crate::api::{LoadBalancer, Protocol, Sticky};
 use crate::auth::external::Refusal;
@@ -1078,7 +1078,10 @@ pub fn pick_upstream<'a>(
             host,
             port,
             ..
-        } => Connect::Tls(format!("{host}:{port}")),
+        } => Connect::Tls(TlsTarget {
+            host: host.clone(),
+            port: *port,
+        }),
         _ => Connect::Addr(addr),
     };
     Ok(Picked {

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -69,8 +70,15 @@ pub enum UpstreamError {
 pub enum Connect {
     /// Plain HTTP to an endpoint address.
     Addr(SocketAddr),
-    /// TLS to `host:port` of an `https` url backend; its certificate is checked against `host`.
-    Tls(String),
+    /// TLS to an `https` url backend; its certificate is checked against the host.
+    Tls(TlsTarget),
+}
+
+/// The host (a name or a bare IP literal) and port of an `https` url backend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsTarget {
+    pub host: Arc<str>,
+    pub port: u16,
 }
 
 /// The pooled client toward backends.
@@ -90,7 +98,7 @@ struct Inner {
 #[derive(Clone, Default)]
 struct PoolMap {
     plain: HashMap<SocketAddr, Arc<EndpointPool>, FastHash>,
-    tls: HashMap<Box<str>, Arc<EndpointPool>, FastHash>,
+    tls: HashMap<TlsTarget, Arc<EndpointPool>, FastHash>,
 }
 
 /// Idle connections to one destination, newest last (reused first: the warmest socket, and the
@@ -100,7 +108,7 @@ struct EndpointPool {
     max_idle: usize,
     idle_timeout: Duration,
     /// Sweeps in a row that found the pool empty and unused; it is dropped after two.
-    empty_sweeps: std::sync::atomic::AtomicU8,
+    empty_sweeps: AtomicU8,
 }
 
 struct Idle {
@@ -114,7 +122,7 @@ impl EndpointPool {
             idle: Mutex::new(Vec::new()),
             max_idle: opts.max_idle_per_endpoint,
             idle_timeout: opts.idle_timeout,
-            empty_sweeps: std::sync::atomic::AtomicU8::new(0),
+            empty_sweeps: AtomicU8::new(0),
         }
     }
 
@@ -266,7 +274,7 @@ impl Upstream {
         }
     }
 
-    /// Idle connections held now, over all endpoints (for tests and `/debug`).
+    /// Idle connections held now, over all endpoints.
     pub fn idle_connections(&self) -> usize {
         let map = self.inner.pools.load();
         map.plain
@@ -289,7 +297,7 @@ impl Inner {
         let map = self.pools.load();
         let found = match to {
             Connect::Addr(a) => map.plain.get(a),
-            Connect::Tls(n) => map.tls.get(n.as_str()),
+            Connect::Tls(t) => map.tls.get(t),
         };
         if let Some(p) = found {
             return p.clone();
@@ -305,9 +313,9 @@ impl Inner {
                     .plain
                     .entry(*a)
                     .or_insert_with(|| Arc::new(EndpointPool::new(&self.opts))),
-                Connect::Tls(n) => next
+                Connect::Tls(t) => next
                     .tls
-                    .entry(n.as_str().into())
+                    .entry(t.clone())
                     .or_insert_with(|| Arc::new(EndpointPool::new(&self.opts))),
             };
             created = Some(pool.clone());
@@ -324,11 +332,10 @@ impl Inner {
                     tune(&tcp);
                     self.handshake(tcp).await
                 }
-                Connect::Tls(name) => {
-                    let host = host_of(name);
-                    let server_name = ServerName::try_from(host.to_string())
+                Connect::Tls(t) => {
+                    let server_name = ServerName::try_from(t.host.to_string())
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                    let tcp = connect_any(name).await?;
+                    let tcp = connect_any(&t.host, t.port).await?;
                     tune(&tcp);
                     let stream = self.tls.connect(server_name, tcp).await?;
                     self.handshake(stream).await
@@ -374,19 +381,10 @@ fn tune(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
-/// The host of `host:port` or `[v6]:port`.
-fn host_of(authority: &str) -> &str {
-    let host = match authority.rfind(':') {
-        Some(i) if !authority[i..].contains(']') => &authority[..i],
-        _ => authority,
-    };
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
-/// Resolves `host:port` and connects to the first address that answers.
-async fn connect_any(name: &str) -> std::io::Result<TcpStream> {
+/// Resolves the host and connects to the first address that answers.
+async fn connect_any(host: &str, port: u16) -> std::io::Result<TcpStream> {
     let mut last = None;
-    for addr in tokio::net::lookup_host(name).await? {
+    for addr in tokio::net::lookup_host((host, port)).await? {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
@@ -422,12 +420,9 @@ async fn sweep_pools(inner: Weak<Inner>) {
             // Only the map holds it: no request is using the destination right now.
             let unused = pool.sweep(now) && Arc::strong_count(pool) == 1;
             let n = if unused {
-                pool.empty_sweeps
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1
+                pool.empty_sweeps.fetch_add(1, Ordering::Relaxed) + 1
             } else {
-                pool.empty_sweeps
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                pool.empty_sweeps.store(0, Ordering::Relaxed);
                 0
             };
             stale |= n >= 2;
@@ -436,9 +431,7 @@ async fn sweep_pools(inner: Weak<Inner>) {
         if stale {
             inner.pools.rcu(|cur| {
                 let mut next = PoolMap::clone(cur);
-                let keep = |p: &Arc<EndpointPool>| {
-                    p.empty_sweeps.load(std::sync::atomic::Ordering::Relaxed) < 2
-                };
+                let keep = |p: &Arc<EndpointPool>| p.empty_sweeps.load(Ordering::Relaxed) < 2;
                 next.plain.retain(|_, p| keep(p));
                 next.tls.retain(|_, p| keep(p));
                 next
@@ -482,6 +475,7 @@ fn request_body_error<'e>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Uri;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -553,8 +547,6 @@ mod tests {
         body
     }
 
-    use http::Uri;
-
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
         let (addr, accepted) = backend(b"hello", None).await;
@@ -623,13 +615,5 @@ mod tests {
         let up = Upstream::new(&UpstreamOptions::default()).unwrap();
         let err = up.send(&Connect::Addr(addr), get(addr)).await.err();
         assert!(matches!(err, Some(ProxyError::ConnectFailed)));
-    }
-
-    #[test]
-    fn host_of_authorities() {
-        assert_eq!(host_of("example.com:443"), "example.com");
-        assert_eq!(host_of("[::1]:8443"), "::1");
-        assert_eq!(host_of("example.com"), "example.com");
-        assert_eq!(host_of("[2001:db8::1]"), "2001:db8::1");
     }
 }
