@@ -14,6 +14,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 VARIANT=${VARIANT:-plain}
 PROFILER=${PROFILER:-callgrind}
 REQUESTS_RATE=${RATE:-500}
@@ -34,59 +36,16 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$OUT"
-cat >"$WORK/backend.conf" <<EOF
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:$BASE; location / { return 200 "hello from the backend\n"; } }
-}
-EOF
+write_backend_conf "$WORK" "$BASE"
 nginx -p "$WORK" -c "$WORK/backend.conf" -g 'daemon off;' &
 PIDS+=($!)
 
 HEADER=()
 if [ "$VARIANT" = p2 ]; then
-    cat >"$WORK/routes.yaml" <<EOF
-apiVersion: tollgate.dev/v1alpha1
-kind: AgentRoute
-metadata: {name: p2, namespace: bench}
-spec:
-  match: {pathPrefix: /}
-  auth: {required: true}
-  loadBalancer: leastConnections
-  rateLimit: {requestsPerMinute: 1000000000, burst: 1000000000}
-  backends: [{url: "http://127.0.0.1:$BASE"}]
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-key, namespace: bench}
-stringData: {api-key: bench-key-0001}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: AgentApiKey
-metadata: {name: bench, namespace: bench}
-spec:
-  clientId: bench-client
-  secretRef: {name: bench-key, key: api-key}
-  roles: [user]
-  rateLimit: {requestsPerMinute: 1000000000, burst: 1000000000}
-EOF
+    p2_routes_yaml "http://127.0.0.1:$BASE" >"$WORK/routes.yaml"
     HEADER=(--header "x-api-key: bench-key-0001")
 else
-    cat >"$WORK/routes.yaml" <<EOF
-apiVersion: tollgate.dev/v1alpha1
-kind: AgentRoute
-metadata: {name: plain, namespace: bench}
-spec:
-  match: {pathPrefix: /}
-  auth: {required: false}
-  backends: [{url: "http://127.0.0.1:$BASE"}]
-EOF
+    plain_routes_yaml "http://127.0.0.1:$BASE" >"$WORK/routes.yaml"
 fi
 
 GW=$((BASE + 1))
@@ -95,27 +54,8 @@ ARGS=(standalone --workers 1 --config "$WORK/routes.yaml" --listen "127.0.0.1:$G
 if [ "$VARIANT" = nginx ]; then
     # The peer, profiled the same way: nginx as the reverse proxy (one process, 256 idle
     # upstream connections, as in bench/run.sh).
-    cat >"$WORK/proxy.conf" <<EOF
-master_process off;
-daemon off;
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    upstream backend { server 127.0.0.1:$BASE; keepalive 256; }
-    server {
-        listen 127.0.0.1:$GW;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+    write_proxy_conf "$WORK" "$GW" "$BASE" "" "master_process off;
+daemon off;"
     TG=$(command -v nginx)
     ARGS=(-p "$WORK" -c "$WORK/proxy.conf")
 fi

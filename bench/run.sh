@@ -12,6 +12,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 PHASES=${PHASES:-"p1 p3 p7 p8 p9 p6"}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
@@ -98,47 +100,8 @@ wait_port() {
 
 start_nginx() {
     mkdir -p "$WORK/nginx"
-    cat >"$WORK/nginx/backend.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx/backend.pid;
-error_log $WORK/nginx/backend-error.log warn;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    server {
-        listen 127.0.0.1:$BACKEND backlog=4096;
-        location / { return 200 "hello from the backend\n"; }
-    }
-}
-EOF
-    cat >"$WORK/nginx/proxy.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx/proxy.pid;
-error_log $WORK/nginx/proxy-error.log warn;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    upstream backend {
-        server 127.0.0.1:$BACKEND;
-        keepalive 256;
-        keepalive_requests 100000000;
-    }
-    upstream sse {
-        server 127.0.0.1:$SSE_BACKEND;
-        keepalive 256;
-    }
-    server {
-        listen 127.0.0.1:$NGINX backlog=4096;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        location / { proxy_pass http://backend; }
-        location /sse { proxy_pass http://sse; proxy_buffering off; }
-    }
-}
-EOF
+    write_backend_conf "$WORK/nginx" "$BACKEND"
+    write_proxy_conf "$WORK/nginx" "$NGINX" "$BACKEND" "$SSE_BACKEND"
     nginx -p "$WORK/nginx" -c "$WORK/nginx/backend.conf" -g 'daemon off;' &
     PIDS+=($!)
     nginx -p "$WORK/nginx" -c "$WORK/nginx/proxy.conf" -g 'daemon off;' &
@@ -146,22 +109,6 @@ EOF
     NGINX_PROXY_PID=$!
     wait_port "$BACKEND"
     wait_port "$NGINX"
-}
-
-route_yaml() { # name prefix backend-url [extra spec lines]
-    cat <<EOF
-apiVersion: tollgate.dev/v1alpha1
-kind: AgentRoute
-metadata:
-  name: $1
-  namespace: bench
-spec:
-  match:
-    pathPrefix: $2
-  backends:
-    - url: $3
-${4:-}
-EOF
 }
 
 # start_tollgate NAME PORT ADMIN_PORT RUST_LOG CONFIG_PATH [BINARY]
@@ -177,38 +124,8 @@ start_tollgate() {
 
 write_configs() {
     mkdir -p "$WORK/plain" "$WORK/p2" "$WORK/sse" "$WORK/churn"
-    route_yaml plain / "http://127.0.0.1:$BACKEND" "  auth:
-    required: false" >"$WORK/plain/routes.yaml"
-    # P2: a key is required, the key and the route both limit (never hit), least connections.
-    {
-        route_yaml p2 / "http://127.0.0.1:$BACKEND" "  auth:
-    required: true
-  loadBalancer: leastConnections
-  rateLimit:
-    requestsPerMinute: 1000000000
-    burst: 1000000000"
-        cat <<EOF
----
-apiVersion: v1
-kind: Secret
-metadata:
-  name: bench-key
-  namespace: bench
-stringData:
-  api-key: bench-key-0001
----
-apiVersion: tollgate.dev/v1alpha1
-kind: AgentApiKey
-metadata:
-  name: bench
-  namespace: bench
-spec:
-  clientId: bench-client
-  secretRef: {name: bench-key, key: api-key}
-  roles: [user]
-  rateLimit: {requestsPerMinute: 1000000000, burst: 1000000000}
-EOF
-    } >"$WORK/p2/routes.yaml"
+    plain_routes_yaml "http://127.0.0.1:$BACKEND" >"$WORK/plain/routes.yaml"
+    p2_routes_yaml "http://127.0.0.1:$BACKEND" >"$WORK/p2/routes.yaml"
     route_yaml sse /sse "http://127.0.0.1:$SSE_BACKEND" "  protocol: sse
   auth:
     required: false" >"$WORK/sse/routes.yaml"

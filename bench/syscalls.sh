@@ -11,6 +11,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 RATE=${RATE:-5000}
 SECS=${SECS:-3}
 CONNS=${CONNS:-64}
@@ -35,46 +37,9 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND=$BASE NGINX=$((BASE + 1)) GW=$((BASE + 2)) ADMIN=$((BASE + 3))
-cat >"$WORK/backend.conf" <<EOF
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello from the backend\n"; } }
-}
-EOF
-cat >"$WORK/proxy.conf" <<EOF
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
-    server {
-        listen 127.0.0.1:$NGINX;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
-cat >"$WORK/routes.yaml" <<EOF
-apiVersion: tollgate.dev/v1alpha1
-kind: AgentRoute
-metadata: {name: plain, namespace: bench}
-spec:
-  match: {pathPrefix: /}
-  auth: {required: false}
-  backends: [{url: "http://127.0.0.1:$BACKEND"}]
-EOF
+write_backend_conf "$WORK" "$BACKEND"
+write_proxy_conf "$WORK" "$NGINX" "$BACKEND"
+plain_routes_yaml "http://127.0.0.1:$BACKEND" >"$WORK/routes.yaml"
 
 nginx -p "$WORK" -c "$WORK/backend.conf" -g 'daemon off;' &
 PIDS+=($!)
