@@ -10,6 +10,7 @@ mod support_bin;
 use std::time::Duration;
 
 use serde_json::json;
+use support::process::GatewayProcess;
 use support::{api_key, route_in, yaml};
 use support_bin::*;
 

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::json;
+use support::process::GatewayProcess;
 use support::*;
-use support_bin::GatewayProcess;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The key that works.

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
+use support::process::GatewayProcess;
 use support::*;
-use support_bin::{raw_request, GatewayProcess};
+use support_bin::raw_request;
 
 const KEY: &str = "tg-shutdown-key-5e0a";
 

@@ -14,7 +14,8 @@ use super::lock;
 
 /// `tollgate standalone` running as a child process.
 pub struct GatewayProcess {
-    child: Child,
+    pub child: Child,
+    pub pid: u32,
     pub listen: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
     /// Everything written to stdout and stderr so far.
@@ -75,6 +76,7 @@ impl GatewayProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn().expect("start the tollgate binary");
+        let pid = child.id().expect("the child has a pid");
         let output: Arc<Mutex<Vec<u8>>> = Arc::default();
         let readers = vec![
             capture(child.stdout.take().expect("piped stdout"), output.clone()),
@@ -110,6 +112,7 @@ impl GatewayProcess {
         };
         let gw = GatewayProcess {
             child,
+            pid,
             listen,
             admin,
             output,
@@ -139,6 +142,20 @@ impl GatewayProcess {
     /// Everything the process wrote to stdout and stderr so far.
     pub fn output(&self) -> String {
         String::from_utf8_lossy(&lock(&self.output)).into_owned()
+    }
+
+    /// Sends SIGTERM (through `kill`, as an orchestrator would).
+    pub fn sigterm(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid);
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The sum of every series of metric `name` on this process's `/metrics`.

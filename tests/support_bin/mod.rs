@@ -1,176 +1,18 @@
-//! Helpers for tests that need the real process or the raw wire: the built `tollgate` binary as a
-//! child process (output captured, addresses read from its JSON log), a raw TCP backend that
-//! records every byte and parses requests strictly, and a raw HTTP/1.1 client.
+//! Helpers for tests that need the raw wire: a raw TCP backend that records every byte and parses
+//! requests strictly, and a raw HTTP/1.1 client. (The binary as a child process is
+//! `support::process::GatewayProcess`.)
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The binary
-// ---------------------------------------------------------------------------------------------
-
-/// `tollgate standalone` running as a child process on loopback ports.
-pub struct GatewayProcess {
-    pub child: Child,
-    pub pid: u32,
-    pub listen: SocketAddr,
-    pub admin: SocketAddr,
-    /// Everything written to stdout and stderr so far (JSON log lines, panics).
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    pub dir: tempfile::TempDir,
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        for r in &self.readers {
-            r.abort();
-        }
-    }
-}
-
-fn capture(
-    stream: impl AsyncRead + Unpin + Send + 'static,
-    out: Arc<Mutex<Vec<u8>>>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut stream = stream;
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => lock(&out).extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-}
-
-impl GatewayProcess {
-    /// Writes `config` to a temporary directory and starts `tollgate standalone` on it with
-    /// JSON logs and `extra` arguments; returns once `/readyz` answers 200.
-    pub async fn start(config: &str, extra: &[&str], envs: &[(&str, &str)]) -> GatewayProcess {
-        let dir = tempfile::tempdir().expect("create a temporary config directory");
-        let file = dir.path().join("config.yaml");
-        std::fs::write(&file, config).expect("write the config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        cmd.arg("standalone")
-            .arg("--config")
-            .arg(&file)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
-            .args(extra)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start the tollgate binary");
-        let pid = child.id().expect("the child has a pid");
-        let output: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let readers = vec![
-            capture(child.stdout.take().expect("piped stdout"), output.clone()),
-            capture(child.stderr.take().expect("piped stderr"), output.clone()),
-        ];
-        // The "gateway listening" line names both addresses.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let (listen, admin) = loop {
-            let found = {
-                let out = lock(&output);
-                String::from_utf8_lossy(&out)
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .find(|v| v["message"] == "gateway listening")
-                    .and_then(|v| {
-                        let l = v["listen"].as_str()?.parse().ok()?;
-                        let a = v["admin_listen"].as_str()?.parse().ok()?;
-                        Some((l, a))
-                    })
-            };
-            if let Some(x) = found {
-                break x;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "tollgate exited early ({status}): {}",
-                    String::from_utf8_lossy(&lock(&output))
-                );
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "tollgate did not log its addresses: {}",
-                String::from_utf8_lossy(&lock(&output))
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let gw = GatewayProcess {
-            child,
-            pid,
-            listen,
-            admin,
-            output,
-            readers,
-            dir,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = raw_request(
-                gw.admin,
-                b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-            )
-            .await
-            {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/readyz never turned 200"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        gw
-    }
-
-    /// Everything the process wrote to stdout and stderr so far.
-    pub fn output(&self) -> String {
-        String::from_utf8_lossy(&lock(&self.output)).into_owned()
-    }
-
-    /// Sends SIGTERM (through `kill`, as an orchestrator would).
-    pub fn sigterm(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {} failed", self.pid);
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
