@@ -13,7 +13,8 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Uri};
 use libfuzzer_sys::fuzz_target;
 use tollgate::proxy::headers;
-use tollgate::proxy::pipeline::{extract_key, host_of, KeyCarrier};
+use tollgate::auth::extract::{extract_key, KeyCarrier};
+use tollgate::proxy::context::host_of;
 
 fn valid_traceparent(v: &[u8]) -> bool {
     let hex = |s: &[u8]| s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));

@@ -2,4 +2,5 @@
 //! Never logs or stores a plain key; knows nothing of routes beyond their auth policy.
 
 pub mod external;
+pub mod extract;
 pub mod keys;

@@ -1,7 +1,33 @@
 //! `ProxyError`: every way a request can be refused or fail, as data: its status, a bounded
-//! reason (metrics label and JSON `error.code`), whether a retry may help. Internal text never leaks.
+//! reason (metrics label and JSON `error.code`), who is at fault, whether a retry may help.
+//! The attempt loop and passive health ask the error; internal text never leaks to a client.
 
-use http::{HeaderValue, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
+
+use crate::balance::health::FailureKind;
+
+/// Who caused a failure: it decides whether an endpoint's health pays for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request itself (bad, too large, not allowed): never counted against an endpoint.
+    Client,
+    /// The upstream (refused, broke, too slow).
+    Upstream,
+    /// The gateway's own state (no endpoint, auth service down, shutting down).
+    Gateway,
+}
+
+/// Whether another attempt may be made after a failed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Nothing reached the upstream: any method may be sent again.
+    Safe,
+    /// The upstream may have acted on the request: only methods safe to repeat (RFC 9110
+    /// §9.2.2), as nginx's `proxy_next_upstream error` does.
+    IfIdempotent,
+    /// Another attempt cannot help (or would repeat work already done).
+    Never,
+}
 
 /// The `RateLimit-*` and `Retry-After` values of a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,9 +160,58 @@ impl ProxyError {
         }
     }
 
-    /// Whether another try at the upstream may succeed (and the route's policy decides).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, ProxyError::ConnectFailed)
+    /// Who is at fault.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::UpstreamFailed | ProxyError::ConnectFailed | ProxyError::Timeout => {
+                Fault::Upstream
+            }
+            ProxyError::NoEndpoint | ProxyError::AuthUnavailable | ProxyError::ShuttingDown => {
+                Fault::Gateway
+            }
+            _ => Fault::Client,
+        }
+    }
+
+    /// Whether a `connect-failure` retry may follow this failure of an attempt.
+    pub fn retry(&self) -> Retry {
+        match self {
+            ProxyError::ConnectFailed => Retry::Safe,
+            // The connection broke before the response head: it may have been acted on.
+            ProxyError::UpstreamFailed => Retry::IfIdempotent,
+            _ => Retry::Never,
+        }
+    }
+
+    /// Whether an attempt of `method` that failed this way may be retried, when the route's
+    /// policy retries connection failures.
+    pub fn is_retryable(&self, method: &Method) -> bool {
+        match self.retry() {
+            Retry::Safe => true,
+            Retry::IfIdempotent => method.is_idempotent(),
+            Retry::Never => false,
+        }
+    }
+
+    /// What the failure of an attempt costs its endpoint's passive health (nothing when the
+    /// client was at fault: a few broken uploads must not eject a healthy endpoint).
+    pub fn endpoint_failure(&self) -> Option<FailureKind> {
+        match self {
+            ProxyError::ConnectFailed => Some(FailureKind::Connect),
+            ProxyError::Timeout => Some(FailureKind::Timeout),
+            _ if self.fault() == Fault::Client => None,
+            _ => Some(FailureKind::ServerError),
+        }
+    }
+
+    /// The `outcome` label of `tollgate_upstream_requests_total` for a failed attempt.
+    pub fn upstream_outcome(&self) -> &'static str {
+        match self {
+            ProxyError::ConnectFailed => "connect_failure",
+            ProxyError::Timeout => "timeout",
+            _ if self.fault() == Fault::Client => "client_error",
+            _ => "error",
+        }
     }
 
     /// The JSON body: `{"error": {"code", "message", "request_id"}}`.
@@ -149,5 +224,40 @@ impl ProxyError {
             }
         });
         bytes::Bytes::from(v.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_rule_lives_in_the_error() {
+        let post = Method::POST;
+        let get = Method::GET;
+        assert!(ProxyError::ConnectFailed.is_retryable(&post));
+        assert!(ProxyError::UpstreamFailed.is_retryable(&get));
+        assert!(!ProxyError::UpstreamFailed.is_retryable(&post));
+        assert!(!ProxyError::Timeout.is_retryable(&get));
+        assert!(!ProxyError::BadRequest.is_retryable(&get));
+    }
+
+    #[test]
+    fn client_faults_cost_no_endpoint_health() {
+        for e in [ProxyError::BadRequest, ProxyError::PayloadTooLarge] {
+            assert_eq!(e.fault(), Fault::Client);
+            assert_eq!(e.endpoint_failure(), None);
+            assert_eq!(e.upstream_outcome(), "client_error");
+        }
+        assert_eq!(
+            ProxyError::ConnectFailed.endpoint_failure(),
+            Some(FailureKind::Connect)
+        );
+        assert_eq!(
+            ProxyError::UpstreamFailed.endpoint_failure(),
+            Some(FailureKind::ServerError)
+        );
+        assert_eq!(ProxyError::Timeout.upstream_outcome(), "timeout");
+        assert_eq!(ProxyError::NoEndpoint.fault(), Fault::Gateway);
     }
 }

@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rand::RngCore;
 
-pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -1,10 +1,16 @@
-//! The data plane: listeners, the per-request pipeline, the upstream client, retries and streams.
-//! Reads the current `Snapshot` through arc-swap; never compiles or mutates configuration.
+//! The data plane: listeners, the request path (a driver and its phases), the upstream client,
+//! retries and streams. Reads the current `Snapshot` through arc-swap; never compiles or
+//! mutates configuration.
 
 pub mod body;
+pub mod context;
 pub mod error;
 pub mod headers;
+mod outbound;
+mod phases;
+pub mod pick;
 pub mod pipeline;
+pub mod revocation;
 pub mod server;
 pub mod upstream;
 pub mod websocket;

@@ -1,5 +1,6 @@
 //! WebSocket routes: the authenticated upgrade is forwarded, then bytes are relayed both ways
 //! (frames pass untouched) until a side closes, the idle timeout passes, or the key is revoked.
+//! The phase that replaces `forward` on `websocket` routes; knows nothing of the driver.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,43 +8,62 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::ProxyBody;
+use super::context::RequestCtx;
 use super::error::ProxyError;
-use super::pipeline::{revocation, Caller, GaugeGuard, Picked};
-use super::Gateway;
+use super::outbound::{self, upstream_uri};
+use super::pick::pick_upstream;
+use super::revocation::revocation;
 use crate::config::route::CompiledRoute;
+use crate::telemetry::GaugeGuard;
 
-/// Forwards the upgrade and, on `101`, relays the two upgraded connections.
-#[allow(clippy::too_many_arguments)]
-pub async fn proxy(
-    gw: &Arc<Gateway>,
+/// Phase 7 of a `websocket` route: forwards the authenticated upgrade (426 for a request that
+/// is not one) and, on `101`, relays the two upgraded connections on a task of their own.
+pub(crate) async fn run(
+    cx: &mut RequestCtx<'_>,
     route: &CompiledRoute,
-    mut parts: http::request::Parts,
-    uri: Uri,
-    picked: Picked<'_>,
-    caller: Option<Caller>,
-    started: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let client_upgrade = parts
+    if !super::headers::is_websocket_upgrade(&cx.head.headers) {
+        return Err(ProxyError::UpgradeRequired);
+    }
+    let gw = cx.gw;
+    outbound::prepare_headers(cx, true);
+    let picked = pick_upstream(
+        gw,
+        &cx.snap,
+        route,
+        &cx.head.headers,
+        cx.caller.as_ref(),
+        &[],
+    )?;
+    let backend = picked.backend;
+    cx.outcome.upstream = Some(backend.id.clone());
+    let path = cx
+        .normalized
+        .as_deref()
+        .unwrap_or_else(|| cx.head.uri.path());
+    let query = outbound::query(&cx.head.uri, cx.carrier);
+    let uri = upstream_uri(backend, &route.rewrite_path(path), query.as_deref())?;
+    let client_upgrade = cx
+        .head
         .extensions
         .remove::<OnUpgrade>()
         .ok_or(ProxyError::UpgradeRequired)?;
     let mut up = Request::new(ProxyBody::empty());
-    *up.method_mut() = parts.method.clone();
+    *up.method_mut() = cx.head.method.clone();
     *up.uri_mut() = uri;
     *up.version_mut() = Version::HTTP_11;
-    *up.headers_mut() = parts.headers;
-    let backend = picked.backend;
+    *up.headers_mut() = std::mem::take(&mut cx.head.headers);
     up.headers_mut()
         .insert(header::HOST, backend.authority.clone());
     let send = gw.upstream.send(&picked.connect, up);
     let (resp, lease) = match route.timeouts.first_byte {
-        Some(fb) => tokio::time::timeout_at(started + fb, send)
+        Some(fb) => tokio::time::timeout_at(cx.started + fb, send)
             .await
             .map_err(|_| ProxyError::Timeout)??,
         None => send.await?,
@@ -70,8 +90,8 @@ pub async fn proxy(
     streams.inc();
     let guards = (picked.guard, GaugeGuard(streams));
     let idle = route.timeouts.idle;
-    let deadline = route.timeouts.request.map(|d| started + d);
-    let revoked = caller.as_ref().map(|c| revocation(gw.clone(), c));
+    let deadline = route.timeouts.request.map(|d| cx.started + d);
+    let revoked = cx.caller.as_ref().map(|c| revocation(gw.clone(), c));
     tokio::spawn(async move {
         let _guards = guards;
         let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {

@@ -6,6 +6,16 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// Decrements a gauge when dropped: rides inside a response body, so a stream counts until its
+/// last byte.
+pub struct GaugeGuard(pub IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,

@@ -6,4 +6,4 @@ pub mod admin;
 pub mod logging;
 pub mod metrics;
 
-pub use metrics::Metrics;
+pub use metrics::{GaugeGuard, Metrics};
