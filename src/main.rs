@@ -137,6 +137,10 @@ struct Common {
     /// The longest wait for one auth service answer.
     #[arg(long, default_value = "2s", value_parser = parse_dur)]
     ext_auth_timeout: Duration,
+    /// Calls to the external auth service in flight at most; a new unknown key beyond that is
+    /// answered 503 `auth_unavailable` without a call (counted).
+    #[arg(long, default_value_t = tollgate::auth::external::DEFAULT_MAX_CONCURRENT)]
+    ext_auth_max_concurrent: usize,
     /// Cluster DNS domain of Service names.
     #[arg(long, default_value = "cluster.local", env = "TOLLGATE_CLUSTER_DOMAIN")]
     cluster_domain: String,
@@ -234,6 +238,7 @@ impl Common {
                 ttl: self.ext_auth_ttl,
                 failure_ttl: self.ext_auth_failure_ttl,
                 timeout: self.ext_auth_timeout,
+                max_concurrent: self.ext_auth_max_concurrent,
                 ..ExtAuthConfig::new(url.clone())
             }),
             cluster_domain: self.cluster_domain.clone(),

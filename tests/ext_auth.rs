@@ -285,6 +285,76 @@ async fn concurrent_first_requests_with_one_key_make_one_call() {
     .await;
 }
 
+/// Defect: any number of distinct unknown keys started any number of calls at once. With the
+/// cap, calls beyond it are refused at once (503 `auth_unavailable`, counted) and the service
+/// sees at most `max_concurrent` of them; once they end, a new key is asked about again.
+#[tokio::test]
+async fn distinct_unknown_keys_start_a_bounded_number_of_calls() {
+    const KEYS: usize = 40;
+    const CAP: usize = 4;
+    bounded(async {
+        let auth = AuthService::start().await;
+        // Every answer takes 400 ms, so all the requests below overlap the first calls.
+        auth.delay_ms.store(400, Ordering::SeqCst);
+        let api = Backend::echo("api").await;
+        let url = auth.url();
+        let gw = gateway_with(config(&api, None), |o| {
+            o.ext_auth = Some(ExtAuthConfig {
+                max_concurrent: CAP,
+                ..ext(
+                    url,
+                    Duration::from_secs(300),
+                    Duration::from_secs(5),
+                    Duration::from_secs(2),
+                )
+            });
+        })
+        .await;
+        let tasks: Vec<_> = (0..KEYS)
+            .map(|i| {
+                let (http, url) = (gw.http.clone(), gw.url("/api/x"));
+                tokio::spawn(async move {
+                    let r = http
+                        .get(url)
+                        .header("x-api-key", format!("good-flood{i}"))
+                        .send()
+                        .await
+                        .expect("the gateway answers");
+                    let status = r.status();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    (status, body["error"]["code"].as_str().map(str::to_string))
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.expect("request task") {
+                (StatusCode::OK, _) => admitted += 1,
+                (StatusCode::SERVICE_UNAVAILABLE, Some(code)) if code == "auth_unavailable" => {
+                    refused += 1
+                }
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        let calls = auth.backend.count();
+        let counted = gw.running.gateway.metrics.ext_auth_overloaded_total.get();
+        println!(
+            "ext-auth cap {CAP}: {KEYS} distinct new keys at once: {admitted} admitted, \
+             {refused} refused, {calls} auth calls, counter {counted}"
+        );
+        assert!(calls <= CAP, "{calls} calls with a cap of {CAP}");
+        assert_eq!(admitted, calls, "every call made admitted its key");
+        assert_eq!(admitted + refused, KEYS);
+        assert_eq!(counted, refused as u64);
+        // The permits came back: a new key is asked about again.
+        let r = get_with_key(&gw, "/api/x", "good-after-flood").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(auth.calls("good-after-flood"), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn ext_auth_callers_get_the_default_limits() {
     bounded(async {

@@ -9,12 +9,14 @@
 //!   else (connection refused, timeout, 5xx, another status, a malformed body) is "unavailable"
 //!   and the gateway fails closed (503 `auth_unavailable`), never open;
 //! - admissions are cached for `ttl`, refusals and failures for `failure_ttl`;
+//! - at most `max_concurrent` calls are in flight; beyond that a new key is refused as
+//!   unavailable at once (not cached), so a flood of distinct unknown keys cannot start more;
 //! - the plain key exists only while a call is in flight ([`SecretString`]); the cache holds digests.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,6 +50,11 @@ pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Longest client id accepted (a DNS-label-sized name; it becomes the `X-Client-Id` header).
 const MAX_CLIENT_ID_LEN: usize = 253;
+/// Calls in flight at most, by default. Each waits up to the timeout (2 s), so this bounds the
+/// load a flood of distinct unknown keys can put on the auth service (and on the gateway's own
+/// sockets) to about 32 new keys a second when the service hangs, far above what a real
+/// population of new keys needs: the cache answers every key seen in the last TTL.
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 /// Expired entries are swept at most this often, and only when the cache is over its cap.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -64,6 +71,9 @@ pub struct ExtAuthConfig {
     pub timeout: Duration,
     /// Cached answers kept at most (see [`DEFAULT_MAX_ENTRIES`]).
     pub max_entries: usize,
+    /// Calls in flight at most; a key that would start one more is refused as unavailable
+    /// (see [`DEFAULT_MAX_CONCURRENT`]).
+    pub max_concurrent: usize,
 }
 
 impl ExtAuthConfig {
@@ -75,6 +85,7 @@ impl ExtAuthConfig {
             failure_ttl: DEFAULT_FAILURE_TTL,
             timeout: DEFAULT_TIMEOUT,
             max_entries: DEFAULT_MAX_ENTRIES,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
         }
     }
 }
@@ -88,6 +99,7 @@ impl fmt::Debug for ExtAuthConfig {
             .field("failure_ttl", &self.failure_ttl)
             .field("timeout", &self.timeout)
             .field("max_entries", &self.max_entries)
+            .field("max_concurrent", &self.max_concurrent)
             .finish()
     }
 }
@@ -127,6 +139,8 @@ pub enum Failure {
     UnexpectedStatus,
     /// A 200 whose body is not `{"client_id": "...", "roles": [...]}` with a usable client id.
     BadAnswer,
+    /// No call was made: `max_concurrent` calls were already in flight.
+    Overloaded,
 }
 
 impl Failure {
@@ -137,6 +151,7 @@ impl Failure {
             Failure::ServerError => "server_error",
             Failure::UnexpectedStatus => "unexpected_status",
             Failure::BadAnswer => "bad_answer",
+            Failure::Overloaded => "overloaded",
         }
     }
 }
@@ -182,6 +197,8 @@ pub struct ExtAuth {
     cache: Mutex<Cache>,
     next_sweep: Mutex<Instant>,
     calls: AtomicU64,
+    in_flight: AtomicUsize,
+    overloaded: AtomicU64,
 }
 
 impl fmt::Debug for ExtAuth {
@@ -233,6 +250,27 @@ fn parse_answer(body: &[u8], digest: &KeyDigest, limits: &KeyLimits) -> Option<K
     })
 }
 
+/// One of the `max_concurrent` calls; given back when dropped (even if the call's task panics).
+struct CallPermit(Arc<ExtAuth>);
+
+impl CallPermit {
+    fn take(auth: &Arc<ExtAuth>) -> Option<Self> {
+        let max = auth.config.max_concurrent;
+        auth.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CallPermit(auth.clone()))
+    }
+}
+
+impl Drop for CallPermit {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn lock(m: &Mutex<Cache>) -> MutexGuard<'_, Cache> {
     // The cache holds only answers: after a panic elsewhere it is still consistent.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -273,12 +311,19 @@ impl ExtAuth {
             cache: Mutex::new(Cache::default()),
             next_sweep: Mutex::new(Instant::now()),
             calls: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            overloaded: AtomicU64::new(0),
         }))
     }
 
     /// Calls made to the auth service so far.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Lookups refused without a call because `max_concurrent` calls were in flight.
+    pub fn overloaded(&self) -> u64 {
+        self.overloaded.load(Ordering::Relaxed)
     }
 
     /// `scheme://host:port` of the auth service (for logs).
@@ -300,6 +345,13 @@ impl ExtAuth {
                 // is started again rather than waited for.
                 Some(Slot::Pending(rx)) if rx.has_changed().is_ok() => rx.clone(),
                 _ => {
+                    // The cap: a flood of distinct unknown keys must not start unbounded calls.
+                    // A refused lookup is not cached, so the key is asked about once the
+                    // service has room again.
+                    let Some(permit) = CallPermit::take(self) else {
+                        self.overloaded.fetch_add(1, Ordering::Relaxed);
+                        return Err(Refusal::Unavailable(Failure::Overloaded));
+                    };
                     let (tx, rx) = watch::channel(None);
                     cache.insert(digest, Slot::Pending(rx.clone()));
                     let this = self.clone();
@@ -307,6 +359,7 @@ impl ExtAuth {
                     // A task of its own: the call completes (and is cached) even when every
                     // request waiting for it has gone away.
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let verdict = this.call(&key, &digest).await;
                         this.store(digest, verdict.clone());
                         let _ = tx.send(Some(verdict));

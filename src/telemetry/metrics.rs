@@ -32,6 +32,7 @@ pub struct Metrics {
     pub api_keys: IntGauge,
     pub endpoints_ready: IntGaugeVec,
     pub ratelimit_fallbacks_total: IntCounter,
+    pub ext_auth_overloaded_total: IntCounter,
     pub client_requests_total: Option<IntCounterVec>,
     pub compile_seconds: Histogram,
 }
@@ -82,6 +83,12 @@ impl Metrics {
             "Limit checks answered locally because Redis was unreachable",
         )?;
         registry.register(Box::new(ratelimit_fallbacks_total.clone()))?;
+        let ext_auth_overloaded_total = IntCounter::new(
+            "tollgate_ext_auth_overloaded_total",
+            "Unknown keys refused (503 auth_unavailable) without asking the external auth \
+             service, because --ext-auth-max-concurrent calls were in flight",
+        )?;
+        registry.register(Box::new(ext_auth_overloaded_total.clone()))?;
         let client_requests_total = if per_client {
             Some(counter(
                 "tollgate_client_requests_total",
@@ -141,6 +148,7 @@ impl Metrics {
                 &["backend"],
             )?,
             ratelimit_fallbacks_total,
+            ext_auth_overloaded_total,
             client_requests_total,
             compile_seconds,
             registry,

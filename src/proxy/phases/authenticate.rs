@@ -2,7 +2,7 @@
 //! not know, with `--ext-auth-url`) the external auth service. Decides nothing about access.
 
 use crate::api::Protocol;
-use crate::auth::external::Refusal;
+use crate::auth::external::{Failure, Refusal};
 use crate::auth::extract::extract_key;
 use crate::auth::keys::{self, SecretString};
 use crate::config::route::CompiledRoute;
@@ -67,7 +67,12 @@ pub(crate) async fn run(cx: &mut RequestCtx<'_>, route: &CompiledRoute) -> Resul
         }
         Err(_) if !required => Ok(()),
         Err(Refusal::Invalid) => Err(refused(cx, ProxyError::InvalidKey)),
-        Err(Refusal::Unavailable(_)) => Err(refused(cx, ProxyError::AuthUnavailable)),
+        Err(Refusal::Unavailable(why)) => {
+            if why == Failure::Overloaded {
+                cx.gw.metrics.ext_auth_overloaded_total.inc();
+            }
+            Err(refused(cx, ProxyError::AuthUnavailable))
+        }
     }
 }
 
