@@ -24,5 +24,10 @@ TOLLGATE_K8S_BIN="$(hack/build-k8s-tools.sh | tail -n 1)"
 export TOLLGATE_K8S_BIN
 echo "    $TOLLGATE_K8S_BIN"
 
+echo "==> h2spec (built once, cached)"
+TOLLGATE_H2SPEC="$(hack/build-go-tool.sh h2spec | tail -n 1)"
+export TOLLGATE_H2SPEC
+echo "    $TOLLGATE_H2SPEC"
+
 echo "==> cargo test"
 cargo test --locked "$@"

@@ -102,9 +102,14 @@ struct Common {
     /// How often open streams re-check their API key.
     #[arg(long, default_value = "30s", value_parser = parse_dur)]
     revalidate_interval: Duration,
-    /// Time a client has to send its request headers.
+    /// Time a client has to send a request head once it has started it (a new connection:
+    /// its first request, TLS handshake included).
     #[arg(long, default_value = "10s", value_parser = parse_dur)]
     header_read_timeout: Duration,
+    /// A client keep-alive connection with nothing in flight is closed after this long. Keep
+    /// it longer than the idle timeout of any load balancer in front (60 s on most clouds).
+    #[arg(long, default_value = "75s", value_parser = parse_dur)]
+    idle_timeout: Duration,
     /// Keep an incoming X-Forwarded-For (when behind a trusted load balancer).
     #[arg(long)]
     trust_forwarded: bool,
@@ -224,6 +229,7 @@ impl Common {
                 replay_limit_bytes: self.replay_limit_bytes,
                 revalidate_interval: self.revalidate_interval,
                 header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.idle_timeout,
                 trust_forwarded: self.trust_forwarded,
                 ..ProxyOptions::default()
             },

@@ -284,7 +284,12 @@ async fn a_backend_slow_to_answer_is_cut_by_the_first_byte_timeout() {
 /// Sends `bytes` one at a time, `every` apart, until the peer closes; returns when it closed
 /// (from the first byte) and what it answered, if anything.
 async fn trickle(addr: std::net::SocketAddr, bytes: &[u8], every: Duration) -> (Duration, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let s = TcpStream::connect(addr).await.expect("connect");
+    trickle_on(s, bytes, every).await
+}
+
+/// `trickle` on a connection already open (a kept-alive one, say).
+async fn trickle_on(mut s: TcpStream, bytes: &[u8], every: Duration) -> (Duration, Vec<u8>) {
     let started = Instant::now();
     let mut answer = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -356,27 +361,70 @@ async fn a_client_trickling_its_headers_is_cut_at_the_header_read_timeout() {
             "a trickled HTTP/2 preface was cut after {took:?} (timeout 500 ms)"
         );
 
-        // An idle keep-alive connection is closed too, after its first request.
+        still_serving(&gw, &echo).await;
+    })
+    .await;
+}
+
+/// Defect: idle keep-alive connections were closed at `--header-read-timeout` (hyper's header
+/// timer also runs while a connection waits idle), so a load balancer with a longer idle
+/// timeout met resets. Now an idle connection lives until `--idle-timeout`, and a head started
+/// on a kept-alive connection still has only the header read timeout to complete.
+#[tokio::test]
+async fn keep_alive_connections_idle_until_the_idle_timeout_not_the_header_timeout() {
+    const HEADER: Duration = Duration::from_millis(400);
+    const IDLE: Duration = Duration::from_millis(2000);
+    bounded(async {
+        let echo = Backend::echo("echo").await;
+        let gw = gateway_with(config_with_echo(&echo.url(), &echo.url(), json!({})), |o| {
+            o.proxy.header_read_timeout = HEADER;
+            o.proxy.idle_timeout = IDLE;
+        })
+        .await;
+        let request = format!("GET /api/v1/echo HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\n\r\n");
         let mut c = support_bin::Conn::connect(gw.running.listen)
             .await
             .expect("connect");
-        c.send(
-            format!("GET /api/v1/echo HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("send");
+        c.send(request.as_bytes()).await.expect("send");
         let r = c
             .next_response(Duration::from_secs(5))
             .await
             .expect("an answer");
         assert_eq!(r.status, 200);
+        // Idle for three header timeouts: the connection is still there and serves again.
+        tokio::time::sleep(HEADER * 3).await;
+        c.send(request.as_bytes())
+            .await
+            .expect("send after an idle pause");
+        let r = c
+            .next_response(Duration::from_secs(5))
+            .await
+            .expect("the kept-alive connection answers after 1.2 s idle");
+        assert_eq!(r.status, 200);
+        // Then left idle: closed after the idle timeout (checks are a quarter of it apart).
         let idle_from = Instant::now();
-        assert!(c.next_response(Duration::from_secs(5)).await.is_none());
+        assert!(c.next_response(IDLE * 2).await.is_none());
         assert!(c.closed, "the idle connection was closed");
+        let idle_for = idle_from.elapsed();
+        println!("idle keep-alive connection closed after {idle_for:?} (idle timeout {IDLE:?})");
         assert!(
-            idle_from.elapsed() < Duration::from_millis(1500),
-            "idle keep-alive connection closed after {:?}",
-            idle_from.elapsed()
+            idle_for >= IDLE && idle_for < IDLE + IDLE / 2,
+            "idle keep-alive connection closed after {idle_for:?}"
+        );
+
+        // A head begun on a kept-alive connection must still complete within the header
+        // timeout, not the idle one.
+        let mut s = tokio::net::TcpStream::connect(gw.running.listen)
+            .await
+            .expect("connect");
+        s.write_all(request.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.expect("first answer");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let (took, _) = trickle_on(s, request.as_bytes(), Duration::from_millis(100)).await;
+        assert!(
+            took >= HEADER && took < HEADER * 3,
+            "a second head trickled on a kept-alive connection was cut after {took:?}"
         );
 
         still_serving(&gw, &echo).await;

@@ -12,6 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::conn::Busy;
+
 /// What can go wrong while a body streams.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -60,6 +62,9 @@ pub struct ProxyBody {
     inner: Inner,
     limit: Option<u64>,
     extras: Option<Box<Extras>>,
+    /// Keeps the client connection busy until the response body is gone (not in `extras`: every
+    /// response carries one, and it must cost no allocation).
+    busy: Option<Busy>,
 }
 
 impl ProxyBody {
@@ -68,6 +73,7 @@ impl ProxyBody {
             inner: Inner::Empty,
             limit: None,
             extras: None,
+            busy: None,
         }
     }
     pub fn full(b: impl Into<Bytes>) -> Self {
@@ -80,6 +86,7 @@ impl ProxyBody {
             },
             limit: None,
             extras: None,
+            busy: None,
         }
     }
     pub fn incoming(b: Incoming) -> Self {
@@ -87,7 +94,13 @@ impl ProxyBody {
             inner: Inner::Incoming(b),
             limit: None,
             extras: None,
+            busy: None,
         }
+    }
+    /// Holds the client connection busy (for its idle watchdog) until the body is gone.
+    pub fn with_busy(mut self, busy: Busy) -> Self {
+        self.busy = Some(busy);
+        self
     }
     /// Refuses to stream more than `max` bytes.
     pub fn with_limit(mut self, max: u64) -> Self {

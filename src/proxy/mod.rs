@@ -3,6 +3,7 @@
 //! mutates configuration.
 
 pub mod body;
+pub mod conn;
 pub mod context;
 pub mod error;
 pub mod headers;
@@ -29,6 +30,12 @@ use crate::telemetry::Metrics;
 pub use body::ProxyBody;
 pub use error::ProxyError;
 
+/// How long an idle client keep-alive connection is kept: longer than the 60 s idle timeout
+/// of the common cloud load balancers (AWS ALB, GCP, Azure's 4 min aside), so that the load
+/// balancer, not the gateway, closes an idle connection, and never a request is sent into a
+/// connection the gateway has just closed. nginx's `keepalive_timeout` is 75 s for the same reason.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
 /// Data-plane settings from the command line.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
@@ -40,8 +47,11 @@ pub struct ProxyOptions {
     pub max_inspect_bytes: u64,
     /// How often open streams re-check that their key is still valid.
     pub revalidate_interval: Duration,
-    /// Time allowed for a client to send its request headers.
+    /// Time allowed for a client to send a request head, from its first byte (for a new
+    /// connection: from the connection's start).
     pub header_read_timeout: Duration,
+    /// A client connection with nothing in flight is closed after this long.
+    pub idle_timeout: Duration,
     /// Trust an incoming `X-Forwarded-For` (behind another proxy) instead of replacing it.
     pub trust_forwarded: bool,
 }
@@ -54,6 +64,7 @@ impl Default for ProxyOptions {
             max_inspect_bytes: 1024 * 1024,
             revalidate_interval: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             trust_forwarded: false,
         }
     }

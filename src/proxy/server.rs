@@ -1,21 +1,28 @@
 //! Listeners: plain (HTTP/1.1 and h2c, detected per connection) and TLS (rustls, certificate by
-//! SNI from the current snapshot, ALPN h2/http1.1), with graceful shutdown of every connection.
+//! SNI from the current snapshot, served as the protocol ALPN chose), each connection watched
+//! for its header read and idle timeouts, and drained gracefully on shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::conn::{ConnActivity, ConnTimeouts, Expiry, Watchdog, Watched};
 use super::pipeline::{handle, ConnInfo};
 use super::Gateway;
 
@@ -47,25 +54,69 @@ pub fn tls_config(gw: Arc<Gateway>) -> Result<Arc<rustls::ServerConfig>, rustls:
     Ok(Arc::new(cfg))
 }
 
-fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(gw.options.header_read_timeout)
-        // 64 KiB of request line and headers is plenty for API traffic and bounds memory;
-        // beyond it hyper answers 431 (414 for a target alone above 64 KiB).
-        .max_buf_size(64 * 1024)
-        // hyper's default, stated: 100 header lines, 431 above. Real clients send ~20.
-        .max_headers(100)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
+/// The limits every HTTP/1.1 connection gets, plain or TLS, applied to both of hyper's
+/// builder types (the auto-detecting one and the HTTP/1-only one).
+macro_rules! http1_settings {
+    ($b:expr) => {
+        $b.timer(TokioTimer::new())
+            // The watchdog (conn.rs) enforces the header read and idle timeouts: hyper's own
+            // header timeout also runs while a keep-alive connection waits idle.
+            .header_read_timeout(None)
+            // 64 KiB of request line and headers is plenty for API traffic and bounds memory;
+            // beyond it hyper answers 431 (414 for a target alone above 64 KiB).
+            .max_buf_size(MAX_HEAD_BYTES)
+            // hyper's default, stated: 100 header lines, 431 above. Real clients send ~20.
+            .max_headers(MAX_HEADERS)
+            .keep_alive(true)
+    };
 }
 
-/// Serves `listener` until `shutdown` turns true, then drains connections for up to `grace`.
+/// The same for HTTP/2.
+macro_rules! http2_settings {
+    ($b:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .keep_alive_interval(Some(H2_KEEPALIVE))
+    };
+}
+
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+const MAX_H2_STREAMS: u32 = 256;
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The connection builders. Plain TCP detects HTTP/1.1 or HTTP/2 with prior knowledge (h2c)
+/// from the preface. A TLS connection is served as the protocol ALPN chose: with `h2`, bytes
+/// that are not the HTTP/2 preface are a connection error (RFC 9113 §3.4), never an HTTP/1.1
+/// request. hyper-util's auto builder cannot be held to one protocol when upgrades are on, so
+/// TLS uses hyper's single-protocol builders.
+struct Builders {
+    plain: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Self {
+        let mut plain = auto::Builder::new(TokioExecutor::new());
+        http1_settings!(plain.http1());
+        http2_settings!(plain.http2());
+        let mut h1 = http1::Builder::new();
+        http1_settings!(h1);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        http2_settings!(h2);
+        Self {
+            plain,
+            http1: h1,
+            http2: h2,
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true, then drains connections for up to `grace`:
+/// HTTP/2 connections get GOAWAY at once; an HTTP/1.1 connection answers its next request with
+/// `Connection: close` and is closed once idle for [`super::conn::DRAIN_IDLE`]; in-flight requests and
+/// streams finish.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
@@ -73,9 +124,10 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a receiver: `closed()` completes when the last has ended.
+    let (drain_tx, drain_rx) = watch::channel(false);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let conn_builder = Arc::new(builder(&gw));
+    let builders = Arc::new(Builders::new());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -89,7 +141,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                spawn_connection(&gw, &graceful, &conn_builder, acceptor.clone(), stream, remote);
+                spawn_connection(&gw, &builders, acceptor.clone(), stream, remote, drain_rx.clone());
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
@@ -99,8 +151,10 @@ pub async fn serve(
         }
     }
     drop(listener);
+    drop(drain_rx);
+    let _ = drain_tx.send(true);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!("all connections drained"),
+        _ = drain_tx.closed() => tracing::debug!("all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
 }
@@ -110,38 +164,50 @@ pub async fn serve(
 /// too (hyper's connection state is kept inline in the task, for the connection's whole life).
 fn spawn_connection(
     gw: &Arc<Gateway>,
-    graceful: &GracefulShutdown,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
+    builders: &Arc<Builders>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     stream: TcpStream,
     remote: SocketAddr,
+    drain: watch::Receiver<bool>,
 ) {
-    let builder = builder.clone();
-    let watcher = graceful.watcher();
-    let hs_timeout = gw.options.header_read_timeout;
+    let builders = builders.clone();
+    let limits = ConnTimeouts {
+        header: gw.options.header_read_timeout,
+        idle: gw.options.idle_timeout,
+    };
     let info = ConnInfo {
         remote,
         tls: acceptor.is_some(),
     };
-    let first_request = Arc::new(AtomicBool::new(false));
-    let seen = first_request.clone();
+    let activity = ConnActivity::new();
     let svc_gw = gw.clone();
-    let svc = service_fn(move |req| {
-        seen.store(true, Ordering::Release);
+    let svc_activity = activity.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let busy = svc_activity.request();
         let gw = svc_gw.clone();
-        async move { Ok::<_, Infallible>(handle(gw, req, info).await) }
+        async move {
+            let http1 = req.version() < Version::HTTP_2;
+            let mut resp = handle(gw.clone(), req, info).await;
+            // Draining: the client learns from this answer that the connection closes, so it
+            // never sends another request into a connection about to be closed under it.
+            if http1 && gw.is_shutting_down() {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp.map(|b| b.with_busy(busy)))
+        }
     });
     match acceptor {
         None => {
             tokio::spawn(async move {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = watcher.watch(conn.into_owned());
-                serve_bounded(conn, hs_timeout, &first_request).await;
+                let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                let conn = builders.plain.serve_connection_with_upgrades(io, svc);
+                drive(conn, &activity, limits, false, drain).await;
             });
         }
         Some(acceptor) => {
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
+                let tls = match tokio::time::timeout(limits.header, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
@@ -149,40 +215,110 @@ fn spawn_connection(
                     }
                     Err(_) => return,
                 };
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                let conn = watcher.watch(conn.into_owned());
-                serve_bounded(conn, hs_timeout, &first_request).await;
+                // Served as the protocol ALPN chose, never guessed from the first bytes.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let io = TokioIo::new(Watched::new(tls, activity.clone()));
+                if h2 {
+                    let conn = builders.http2.serve_connection(io, svc);
+                    drive(conn, &activity, limits, true, drain).await;
+                } else {
+                    let conn = builders.http1.serve_connection(io, svc).with_upgrades();
+                    drive(conn, &activity, limits, false, drain).await;
+                }
             });
         }
     }
 }
 
-/// Drives a connection, closing it if no request has arrived within `first_request_within`.
-///
-/// hyper's `header_read_timeout` starts only once hyper-util has told HTTP/1 from the HTTP/2
-/// preface, and that detection has no deadline of its own: a client trickling the 24-byte
-/// preface (or sending nothing after a TLS handshake, or opening HTTP/2 and never a stream)
-/// would hold the connection as long as it liked. Once a request has arrived, hyper's own
-/// timeouts and the graceful drain govern the connection.
-async fn serve_bounded<F, E>(conn: F, first_request_within: Duration, first_request: &AtomicBool)
-where
-    F: std::future::Future<Output = Result<(), E>>,
+/// Drives a connection until it ends, its watchdog expires it, or the drain closes it.
+async fn drive<C, E>(
+    conn: C,
+    activity: &ConnActivity,
+    limits: ConnTimeouts,
+    http2: bool,
+    mut drain: watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), E>> + GracefulConnection,
     E: std::fmt::Display,
 {
     tokio::pin!(conn);
-    let ended = tokio::select! {
-        r = &mut conn => Some(r),
-        () = tokio::time::sleep(first_request_within) => None,
-    };
-    let result = match ended {
-        Some(r) => r,
-        None if first_request.load(Ordering::Acquire) => conn.await,
-        None => {
-            tracing::debug!("no request within the header read timeout; closing the connection");
-            return;
+    let mut watchdog = Watchdog::new(limits, http2);
+    let mut draining = *drain.borrow();
+    // Set once the connection was asked to close cleanly: from then on only its end counts.
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            expiry = watchdog.expired(activity, draining), if !closing => match expiry {
+                // A head that never completes: nothing to finish cleanly.
+                Expiry::Header => {
+                    tracing::debug!("request head not complete within the header read timeout; closing");
+                    return;
+                }
+                Expiry::Idle => {
+                    conn.as_mut().close_gracefully();
+                    closing = true;
+                }
+            },
+            changed = drain.changed(), if !draining => {
+                draining = changed.is_err() || *drain.borrow();
+                // HTTP/2 clients learn from GOAWAY which streams were served; an HTTP/1.1
+                // connection is told on its next answer, or closed by the watchdog once idle.
+                if draining && http2 {
+                    conn.as_mut().close_gracefully();
+                    closing = true;
+                }
+            }
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection that can be asked to finish what is in flight and close.
+trait GracefulConnection {
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulConnection for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> GracefulConnection for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> GracefulConnection for http2::Connection<I, S, TokioExecutor>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
