@@ -4,7 +4,6 @@
 //! with nothing in flight.
 
 mod support;
-mod support_bin;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,19 +36,7 @@ fn config(prefix: &str, backend: &str, extra: serde_json::Value) -> String {
 
 /// Sum of every `tollgate_upstream_in_flight` series on the admin port.
 async fn upstream_in_flight(gw: &Gateway) -> i64 {
-    let text = gw
-        .http
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("the admin port answers")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with("tollgate_upstream_in_flight{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as i64
+    support::metrics::metric_sum(&gw.metrics().await, "tollgate_upstream_in_flight") as i64
 }
 
 /// A normal request still works: the gateway is serving.
@@ -357,7 +344,7 @@ async fn a_client_trickling_its_headers_is_cut_at_the_header_read_timeout() {
         );
 
         // An idle keep-alive connection is closed too, after its first request.
-        let mut c = support_bin::Conn::connect(gw.running.listen)
+        let mut c = support::raw::Conn::connect(gw.running.listen)
             .await
             .expect("connect");
         c.send(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
+use support::metrics::metric;
 use support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -840,10 +841,7 @@ async fn a_slow_upstream_hits_the_first_byte_timeout() {
 async fn an_unreachable_backend_is_502_after_the_connect_failure_retries() {
     bounded(async {
         // A port that was just free: nothing listens there.
-        let closed = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        };
+        let closed = format!("127.0.0.1:{}", support::ports::free_port());
         let gw = gateway(yaml([route(
             "gone",
             json!({"match": {"pathPrefix": "/gone"}, "auth": {"required": false},
@@ -854,23 +852,13 @@ async fn an_unreachable_backend_is_502_after_the_connect_failure_retries() {
         let r = gw.get("/gone").await;
         assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(error_code(r).await, "connect_failed");
-        let metrics = gw
-            .http
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("admin answers")
-            .text()
-            .await
-            .expect("metrics");
-        let line = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("tollgate_upstream_requests_total{")
-                    && l.contains("outcome=\"connect_failure\"")
-            })
-            .unwrap_or_else(|| panic!("no connect_failure outcome in:\n{metrics}"));
-        assert!(line.ends_with(" 3"), "three tries in all: {line}");
+        let metrics = gw.metrics().await;
+        let tries = metric(
+            &metrics,
+            "tollgate_upstream_requests_total",
+            &["outcome=\"connect_failure\""],
+        );
+        assert_eq!(tries, Some(3.0), "three tries in all:\n{metrics}");
     })
     .await;
 }
@@ -955,21 +943,15 @@ async fn admin_reports_health_metrics_and_routes_without_key_material() {
         let r = gw.get("/nowhere").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
-        let metrics = admin("/metrics").await.text().await.expect("metrics text");
-        let line = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("tollgate_requests_total{")
-                    && l.contains("route=\"default/chat\"")
-                    && l.contains("code=\"200\"")
-                    && l.contains("method=\"GET\"")
-            })
-            .unwrap_or_else(|| panic!("no request counter for the route in:\n{metrics}"));
-        assert!(line.ends_with(" 1"), "{line}");
+        let metrics = gw.metrics().await;
+        let served = metric(
+            &metrics,
+            "tollgate_requests_total",
+            &["route=\"default/chat\"", "code=\"200\"", "method=\"GET\""],
+        );
+        assert_eq!(served, Some(1.0), "the route's request counter:\n{metrics}");
         assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("tollgate_requests_total{") && l.contains("code=\"404\"")),
+            metric(&metrics, "tollgate_requests_total", &["code=\"404\""]).is_some(),
             "{metrics}"
         );
 
