@@ -82,18 +82,14 @@ async fn a1_a_hammering_client_is_admitted_burst_plus_refill() {
         .map_or(Duration::from_secs(5), Duration::from_secs);
     let bound = hammer_for + Duration::from_secs(15);
     let test = async {
-        let b = Backend::echo("api").await;
-        let mut docs = key_with_limit(
-            "hammer",
-            "hammer-1",
-            KEY,
-            json!({"requestsPerMinute": RPM, "burst": BURST}),
-        );
-        docs.push(route(
-            "api",
-            json!({"match": {"pathPrefix": "/api"}, "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let limit = json!({"requestsPerMinute": RPM, "burst": BURST});
+        let s = Scenario::new()
+            .backend("api")
+            .docs(key_with_limit("hammer", "hammer-1", KEY, limit))
+            .route("api", json!({"match": {"pathPrefix": "/api"}}))
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("api"));
 
         let (mut admitted, mut refused) = (0u64, 0u64);
         let (mut saw_200, mut saw_429) = (false, false);
@@ -101,7 +97,7 @@ async fn a1_a_hammering_client_is_admitted_burst_plus_refill() {
         let mut last = first;
         while first.elapsed() < hammer_for {
             last = Instant::now();
-            let r = get_with_key(&gw, "/api/x", KEY).await;
+            let r = get_with_key(gw, "/api/x", KEY).await;
             match r.status() {
                 StatusCode::OK => {
                     admitted += 1;

@@ -4,6 +4,8 @@
 //! - this file: time bounds and polling, configuration documents written the way users write
 //!   them, the standalone gateway started in-process, real clients;
 //! - [`backend`]: recording HTTP and WebSocket backends on `127.0.0.1:0` (re-exported here);
+//! - [`scenario`]: backends + keys + routes + gateway in one builder, for tests that differ
+//!   only in those;
 //! - [`raw`]: the raw wire: a strict raw TCP backend and a raw HTTP/1.1 client;
 //! - [`process`]: the built `tollgate` binary as a child process (`standalone` or `run`);
 //! - [`k8s`]: a real etcd + kube-apiserver (`hack/controlplane.sh`) and Kubernetes helpers;
@@ -29,9 +31,12 @@ pub mod ports;
 pub mod process;
 pub mod raw;
 pub mod redis;
+pub mod scenario;
 
 #[allow(unused_imports)]
 pub use backend::*;
+#[allow(unused_imports)]
+pub use scenario::Scenario;
 
 /// Every test finishes within this, or fails saying so.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(20);
