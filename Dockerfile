@@ -12,8 +12,9 @@ RUN rustup target add x86_64-unknown-linux-musl \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-# Cargo.toml declares the criterion bench target, so its source must be present to build.
-COPY benches ./benches
+# Cargo.toml declares the criterion bench and the bench tools (examples) in bench/, so their
+# sources must be present to build.
+COPY bench ./bench
 # Cache mounts keep the registry and build artefacts between builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -1,5 +1,5 @@
 //! The configuration the P4/P5 figures are measured on: 10,000 AgentRoutes of realistic shapes and
-//! 100,000 AgentApiKeys. Shared by `benches/hot_path.rs` and `bench/compile_rss.rs` through
+//! 100,000 AgentApiKeys. Shared by `bench/micro/hot_path.rs` and `bench/compile_rss.rs` through
 //! `#[path]`, so both measure the very same objects.
 
 use tollgate::api::fixtures::{api_key, RouteBuilder};

@@ -13,3 +13,14 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod sources;
 pub mod telemetry;
+
+/// The integration tests' launchers of real servers (tests/support/), for the unit tests too:
+/// one dnsmasq and one redis-server launcher in the repository.
+#[cfg(test)]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support"]
+mod test_support {
+    pub mod dnsmasq;
+    pub mod ports;
+    pub mod redis;
+}

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use support::dnsmasq::Dnsmasq;
+use support::metrics::metric;
 use support::*;
 use tollgate::balance::{BackendWeight, CanaryMode, WeightedBackends};
 
@@ -284,26 +285,6 @@ async fn hammer(
         all.merge(t.await.expect("a load worker finished"));
     }
     all
-}
-
-/// The value of the first sample of `name` whose labels contain every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-async fn metrics_text(gw: &Gateway) -> String {
-    gw.http
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("the admin port answers")
-        .text()
-        .await
-        .expect("metrics text")
 }
 
 fn percent(part: usize, whole: usize) -> f64 {
@@ -872,7 +853,7 @@ async fn endpoints_ready_follows_dns_and_config_and_drops_removed_backends() {
                     Duration::from_secs(8),
                     &format!("tollgate_endpoints_ready{{{label}}} = {want}"),
                     || async {
-                        let text = metrics_text(gw).await;
+                        let text = gw.metrics().await;
                         (metric(&text, "tollgate_endpoints_ready", &[&label]) == Some(want))
                             .then_some(())
                     },
@@ -902,7 +883,7 @@ async fn endpoints_ready_follows_dns_and_config_and_drops_removed_backends() {
             Duration::from_secs(1),
             "the new backend reported",
             || async {
-                let text = metrics_text(&gw).await;
+                let text = gw.metrics().await;
                 let new = metric(&text, "tollgate_endpoints_ready", &[&new_label]);
                 let old = metric(&text, "tollgate_endpoints_ready", &[&label]);
                 (new == Some(1.0) && old.is_none()).then_some(())
@@ -944,7 +925,7 @@ async fn upstream_in_flight_counts_a_slow_request_until_it_ends() {
                     Duration::from_secs(5),
                     &format!("tollgate_upstream_in_flight{{{label}}} = {want}"),
                     || async {
-                        let text = metrics_text(gw).await;
+                        let text = gw.metrics().await;
                         (metric(&text, "tollgate_upstream_in_flight", &[&label]) == Some(want))
                             .then_some(())
                     },

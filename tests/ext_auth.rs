@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::{json, Value};
-use support::process::{metric_sum, GatewayProcess};
+use support::metrics::metric_sum;
+use support::process::GatewayProcess;
 use support::*;
 use tokio::sync::Notify;
 use tollgate::auth::external::ExtAuthConfig;
@@ -428,15 +429,7 @@ async fn a_failing_auth_service_fails_closed() {
         assert!(api.last().header("x-client-id").is_none());
         assert_eq!(api.count(), 1, "no refused request reached the backend");
 
-        let metrics = gw
-            .http
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("the admin port answers")
-            .text()
-            .await
-            .expect("metrics text");
+        let metrics = gw.metrics().await;
         assert!(
             metric_sum(
                 &metrics,
@@ -446,9 +439,7 @@ async fn a_failing_auth_service_fails_closed() {
         );
 
         // The service down altogether: the port refuses connections.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let closed = format!("127.0.0.1:{}", support::ports::free_port());
         let down = gateway_with(config(&api, None), |o| {
             o.ext_auth = Some(ext(
                 format!("http://{closed}/v1/validate"),
@@ -577,14 +568,7 @@ async fn plain_keys_never_leak_into_logs_metrics_or_debug_output() {
             }
         }
         assert_eq!(auth.calls(GOOD), 1);
-        let metrics = http
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let metrics = gw.metrics().await;
         let debug = http
             .get(gw.admin_url("/debug/routes"))
             .send()

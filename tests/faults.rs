@@ -4,7 +4,6 @@
 //! with nothing in flight.
 
 mod support;
-mod support_bin;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,19 +36,7 @@ fn config(prefix: &str, backend: &str, extra: serde_json::Value) -> String {
 
 /// Sum of every `tollgate_upstream_in_flight` series on the admin port.
 async fn upstream_in_flight(gw: &Gateway) -> i64 {
-    let text = gw
-        .http
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("the admin port answers")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with("tollgate_upstream_in_flight{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as i64
+    support::metrics::metric_sum(&gw.metrics().await, "tollgate_upstream_in_flight") as i64
 }
 
 /// A normal request still works: the gateway is serving.
@@ -382,7 +369,7 @@ async fn keep_alive_connections_idle_until_the_idle_timeout_not_the_header_timeo
         })
         .await;
         let request = format!("GET /api/v1/echo HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\n\r\n");
-        let mut c = support_bin::Conn::connect(gw.running.listen)
+        let mut c = support::raw::Conn::connect(gw.running.listen)
             .await
             .expect("connect");
         c.send(request.as_bytes()).await.expect("send");

@@ -5,14 +5,13 @@
 //! the user key however a lenient backend would read the path; the process lives and serves.
 
 mod support;
-mod support_bin;
 
 use std::time::Duration;
 
 use serde_json::json;
 use support::process::GatewayProcess;
+use support::raw::*;
 use support::{api_key, route_in, yaml};
-use support_bin::*;
 
 const USER: &str = "tg-hostile-user-6b1f0e";
 const ADMIN: &str = "tg-hostile-admin-93ad27";

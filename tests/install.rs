@@ -6,19 +6,19 @@
 //! control plane (`hack/controlplane.sh`) and stops it on the way out, pass or fail.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+mod support;
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml::Value;
+
+use support::k8s::{ControlPlane, ExclusiveControlPlane};
+use support::process::{run_limited, run_ok as ok, GatewayProcess};
 
 const TOLLGATE: &str = env!("CARGO_BIN_EXE_tollgate");
 const NS: &str = "tollgate-system";
@@ -92,55 +92,6 @@ fn helm_cmd() -> Command {
     cmd
 }
 
-/// Runs `cmd` to the end, killing it (and failing the test) if it takes longer than `limit`.
-fn run_limited(mut cmd: Command, limit: Duration, what: &str) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-    let pipe = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            buf
-        })
-    };
-    let out = pipe(Box::new(child.stdout.take().expect("stdout")));
-    let err = pipe(Box::new(child.stderr.take().expect("stderr")));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
-}
-
-/// Runs `cmd`, fails the test with its output unless it succeeds, returns its stdout.
-fn ok(cmd: Command, what: &str) -> String {
-    let out = run_limited(cmd, Duration::from_secs(120), what);
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
 fn helm(args: &[&str]) -> String {
     let mut cmd = helm_cmd();
     cmd.args(args);
@@ -209,401 +160,11 @@ fn assert_flags_exist(args: &[String]) {
     }
 }
 
-// ------------------------------------------------------------------ control plane, processes --
-
-/// One control plane at a time: each costs a core while it starts, and the machine has two.
-static CONTROL_PLANE_LOCK: Mutex<()> = Mutex::new(());
-
-/// etcd + kube-apiserver from hack/controlplane.sh; stopped when dropped (also on panic).
-struct ControlPlane {
-    dir: tempfile::TempDir,
-    env: HashMap<String, String>,
-    _one_at_a_time: MutexGuard<'static, ()>,
-}
-
-impl ControlPlane {
-    fn start() -> Self {
-        let lock = CONTROL_PLANE_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let dir = tempfile::Builder::new()
-            .prefix("tollgate-install-")
-            .tempdir()
-            .expect("tempdir");
-        let mut cp = ControlPlane {
-            dir,
-            env: HashMap::new(),
-            _one_at_a_time: lock,
-        };
-        // From here on, Drop stops whatever started, even if start fails half-way.
-        tools_bin();
-        let mut cmd = Command::new(repo().join("hack/controlplane.sh"));
-        cmd.arg("start").arg(cp.dir.path());
-        ok(cmd, "hack/controlplane.sh start");
-        let env = std::fs::read_to_string(cp.dir.path().join("env")).expect("DIR/env");
-        cp.env = env
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        cp
-    }
-
-    fn var(&self, key: &str) -> &str {
-        self.env
-            .get(key)
-            .unwrap_or_else(|| panic!("{key} missing from the control plane's env"))
-    }
-
-    /// kubectl as cluster admin.
-    fn kubectl_cmd(&self) -> Command {
-        let mut cmd = Command::new(self.var("KUBECTL"));
-        cmd.current_dir(repo())
-            .env("KUBECONFIG", self.var("ADMIN_KUBECONFIG"))
-            .arg("--request-timeout=30s");
-        cmd
-    }
-
-    fn kubectl(&self, args: &[&str]) -> String {
-        let mut cmd = self.kubectl_cmd();
-        cmd.args(args);
-        ok(cmd, &format!("kubectl {}", args.join(" ")))
-    }
-
-    /// `kubectl ARGS -f -` with `yaml` on stdin.
-    fn kubectl_stdin(&self, args: &[&str], yaml: &str) -> String {
-        let path = self.dir.path().join(format!(
-            "stdin-{}.yaml",
-            STDIN_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, yaml).expect("writing manifest");
-        let mut cmd = self.kubectl_cmd();
-        cmd.args(args).arg("-f").arg(&path);
-        ok(
-            cmd,
-            &format!("kubectl {} -f <{} bytes>", args.join(" "), yaml.len()),
-        )
-    }
-
-    fn helm(&self, args: &[&str]) -> String {
-        let mut cmd = helm_cmd();
-        cmd.env("KUBECONFIG", self.var("ADMIN_KUBECONFIG"))
-            .args(args);
-        ok(cmd, &format!("helm {}", args.join(" ")))
-    }
-
-    /// Waits until `kubectl get ... -o jsonpath=...` prints `want` (or panics after `limit`).
-    fn wait_for(&self, args: &[&str], want: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            let mut cmd = self.kubectl_cmd();
-            cmd.args(args);
-            let out = run_limited(cmd, Duration::from_secs(40), "kubectl");
-            last = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            if out.status.success() && last.trim() == want {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "kubectl {} never printed {want:?}; last: {last}",
-            args.join(" ")
-        );
-    }
-
-    /// A kubeconfig that authenticates as `namespace/sa` with a TokenRequest token.
-    fn service_account_kubeconfig(&self, namespace: &str, sa: &str) -> PathBuf {
-        let token = self.kubectl(&["create", "token", sa, "-n", namespace, "--duration=1h"]);
-        let path = self.dir.path().join(format!("{sa}.kubeconfig"));
-        let kc = path.to_str().expect("utf-8 path");
-        let server = format!("--server={}", self.var("APISERVER_URL"));
-        let ca = format!("--certificate-authority={}", self.var("CA_CERT"));
-        let token = format!("--token={}", token.trim());
-        for args in [
-            vec![
-                "config",
-                "set-cluster",
-                "test",
-                &server,
-                &ca,
-                "--embed-certs",
-            ],
-            vec!["config", "set-credentials", sa, &token],
-            vec![
-                "config",
-                "set-context",
-                "test",
-                "--cluster=test",
-                "--user",
-                sa,
-                "--namespace",
-                namespace,
-            ],
-            vec!["config", "use-context", "test"],
-        ] {
-            let mut cmd = Command::new(self.var("KUBECTL"));
-            cmd.arg(format!("--kubeconfig={kc}")).args(&args);
-            ok(cmd, "kubectl config");
-        }
-        path
-    }
-}
-
-static STDIN_SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let mut cmd = Command::new(repo().join("hack/controlplane.sh"));
-        cmd.arg("stop").arg(self.dir.path());
-        let out = run_limited(cmd, Duration::from_secs(60), "hack/controlplane.sh stop");
-        if !out.status.success() {
-            eprintln!(
-                "hack/controlplane.sh stop: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
-/// A tiny HTTP/1.1 backend on 127.0.0.1: answers 200 with what it saw, until dropped.
-struct Backend {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Backend {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let _ = answer(conn);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        Backend {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-/// Reads one request head, answers `backend saw PATH client=X-Client-Id`, closes.
-fn answer(conn: TcpStream) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut client = String::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = h.split_once(':') {
-            if name.eq_ignore_ascii_case("x-client-id") {
-                client = value.trim().to_string();
-            }
-        }
-    }
-    let body = format!("backend saw {path} client={client}");
-    let mut conn = conn;
-    write!(
-        conn,
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    conn.flush()
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// `GET path` over a fresh connection: (status, body).
-fn http_get(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<(u16, String)> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    conn.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// `tollgate run` on the host: SIGTERM when dropped, SIGKILL if it does not exit in time.
-struct Gateway {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    listen: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Gateway {
-    fn start(kubeconfig: &Path, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(TOLLGATE);
-        cmd.args([
-            "run",
-            "--listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--log-format=json",
-            "--shutdown-grace=2s",
-        ])
-        .args(extra)
-        .env("KUBECONFIG", kubeconfig)
-        .env("POD_NAME", "tollgate-test-0")
-        .env("POD_NAMESPACE", NS)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("starting tollgate run");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel::<(SocketAddr, SocketAddr)>();
-        let readers: [Box<dyn Read + Send>; 2] = [
-            Box::new(child.stdout.take().expect("stdout")),
-            Box::new(child.stderr.take().expect("stderr")),
-        ];
-        for r in readers {
-            let (log, tx) = (log.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    if let Some(addrs) = listening(&line) {
-                        let _ = tx.send(addrs);
-                    }
-                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        let addrs = rx.recv_timeout(Duration::from_secs(60));
-        let (listen, admin) = match addrs {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "tollgate run did not start listening within 60 s:\n{}",
-                    log.lock().unwrap_or_else(|p| p.into_inner())
-                );
-            }
-        };
-        Gateway {
-            child,
-            log,
-            listen,
-            admin,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// SIGTERM, then the exit status (bounded).
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-/// The addresses from the `gateway listening` JSON log line.
-fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    // Fields are flattened into the line, or nested under "fields" (tracing-subscriber's default).
-    let fields = if v["fields"].is_object() {
-        &v["fields"]
-    } else {
-        &v
-    };
-    if fields["message"] != "gateway listening" {
-        return None;
-    }
-    let addr = |k: &str| fields[k].as_str()?.parse::<SocketAddr>().ok();
-    Some((addr("listen")?, addr("admin_listen")?))
-}
-
-/// Polls `f` until it gives a value; after `limit`, fails with `what` and `context()` (a log).
-fn wait_until<T>(
-    limit: Duration,
-    what: &str,
-    context: impl Fn() -> String,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {limit:?}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// `helm ARGS` as cluster admin of `cp`.
+fn helm_on(cp: &ExclusiveControlPlane, args: &[&str]) -> String {
+    let mut cmd = helm_cmd();
+    cmd.env("KUBECONFIG", cp.var("ADMIN_KUBECONFIG")).args(args);
+    ok(cmd, &format!("helm {}", args.join(" ")))
 }
 
 // ------------------------------------------------------------------------ the chart alone --
@@ -1348,16 +909,16 @@ fn cargo_rust_version() -> String {
 
 #[test]
 fn the_api_server_accepts_every_rendering() {
-    let cp = ControlPlane::start();
+    let cp = ControlPlane::exclusive("install");
     // The CRDs as users get them, and a stand-in for the Prometheus Operator's ServiceMonitor CRD.
-    cp.kubectl(&[
+    cp.kubectl_blocking(&[
         "apply",
         "-f",
         "charts/tollgate/crds/",
         "-f",
         "tests/install/servicemonitor-crd.yaml",
     ]);
-    cp.kubectl(&[
+    cp.kubectl_blocking(&[
         "wait",
         "--for=condition=Established",
         "crd",
@@ -1365,7 +926,7 @@ fn the_api_server_accepts_every_rendering() {
         "--timeout=60s",
     ]);
     for ns in [NS, "agents", "agents-canary"] {
-        cp.kubectl(&["create", "namespace", ns]);
+        cp.kubectl_blocking(&["create", "namespace", ns]);
     }
     // Server-side dry runs: schema, defaulting, validation and admission, strict field checks.
     let defaults = render(&[]);
@@ -1405,7 +966,7 @@ fn the_api_server_accepts_every_rendering() {
         1,
     );
     let mut cmd = cp.kubectl_cmd();
-    let path = cp.dir.path().join("bad.yaml");
+    let path = cp.dir.join("bad.yaml");
     std::fs::write(&path, bad).expect("write");
     cmd.args(["apply", "--dry-run=server", "--validate=strict", "-f"])
         .arg(&path);
@@ -1413,9 +974,9 @@ fn the_api_server_accepts_every_rendering() {
     assert!(!out.status.success(), "a misspelt field was accepted");
 
     // The plain manifests and the examples, for real.
-    cp.kubectl(&["apply", "-f", "manifests/install.yaml"]);
-    cp.kubectl(&["apply", "-f", "manifests/examples/"]);
-    let routes = cp.kubectl(&["get", "agentroutes", "-n", "agents", "-o", "name"]);
+    cp.kubectl_blocking(&["apply", "-f", "manifests/install.yaml"]);
+    cp.kubectl_blocking(&["apply", "-f", "manifests/examples/"]);
+    let routes = cp.kubectl_blocking(&["get", "agentroutes", "-n", "agents", "-o", "name"]);
     assert_eq!(routes.lines().count(), 5, "{routes}");
 }
 
@@ -1485,7 +1046,7 @@ fn readme_install_steps_work_as_written() {
 
     // Each way on its own fresh control plane: they create the same objects.
     for way in [helm_way, kubectl_way] {
-        let cp = ControlPlane::start();
+        let cp = ControlPlane::exclusive("install");
         let path = format!(
             "{}:{}",
             tools_bin().display(),
@@ -1514,7 +1075,7 @@ fn readme_install_steps_work_as_written() {
             "True",
             Duration::from_secs(30),
         );
-        let image = cp.kubectl(&[
+        let image = cp.kubectl_blocking(&[
             "get",
             "deployment",
             "tollgate",
@@ -1524,9 +1085,10 @@ fn readme_install_steps_work_as_written() {
             "jsonpath={.spec.template.spec.containers[0].image}",
         ]);
         assert_eq!(image, "registry.example.com/tollgate:0.1.0");
-        let sa = cp.kubectl(&["get", "serviceaccount", "tollgate", "-n", NS, "-o", "name"]);
+        let sa =
+            cp.kubectl_blocking(&["get", "serviceaccount", "tollgate", "-n", NS, "-o", "name"]);
         assert_eq!(sa.trim(), "serviceaccount/tollgate");
-        let can = cp.kubectl(&[
+        let can = cp.kubectl_blocking(&[
             "auth",
             "can-i",
             "watch",
@@ -1535,7 +1097,7 @@ fn readme_install_steps_work_as_written() {
             "--as=system:serviceaccount:tollgate-system:tollgate",
         ]);
         assert_eq!(can.trim(), "yes");
-        let keys = cp.kubectl(&["get", "agentapikeys", "-n", "agents", "-o", "name"]);
+        let keys = cp.kubectl_blocking(&["get", "agentapikeys", "-n", "agents", "-o", "name"]);
         assert_eq!(keys.lines().count(), 2, "{keys}");
     }
 }
@@ -1544,9 +1106,9 @@ fn readme_install_steps_work_as_written() {
 /// ServiceAccount (a TokenRequest token), applies a key and a route with kubectl, and sends a
 /// request through the gateway. Any right the chart forgot shows up as a refusal here.
 fn operator_serves_with_chart_identity(extra_values: &[&str], watch: Option<&str>, ns: &str) {
-    let cp = ControlPlane::start();
+    let cp = ControlPlane::exclusive("install");
     // The routes' namespace first: with watchNamespaces the chart puts a Role in it.
-    cp.kubectl(&["create", "namespace", ns]);
+    cp.kubectl_blocking(&["create", "namespace", ns]);
     let mut args = vec![
         "install",
         "tollgate",
@@ -1556,8 +1118,8 @@ fn operator_serves_with_chart_identity(extra_values: &[&str], watch: Option<&str
         "--create-namespace",
     ];
     args.extend_from_slice(extra_values);
-    cp.helm(&args);
-    cp.kubectl(&[
+    helm_on(&cp, &args);
+    cp.kubectl_blocking(&[
         "wait",
         "--for=condition=Established",
         "crd",
@@ -1578,16 +1140,30 @@ fn operator_serves_with_chart_identity(extra_values: &[&str], watch: Option<&str
         "system:serviceaccount:tollgate-system:tollgate"
     );
 
-    let backend = Backend::start();
+    // The gateway, its backend and the requests run on a runtime of their own; the kubectl
+    // calls block this thread meanwhile.
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let backend = rt.block_on(support::Backend::spawn(
+        "install",
+        support::handler(|seen, _| async move {
+            let body = format!(
+                "backend saw {} client={}",
+                seen.path_and_query(),
+                seen.header("x-client-id").unwrap_or_default()
+            );
+            support::respond(http::StatusCode::OK, body)
+        }),
+    ));
     let watch_flag = watch.map(|ns| format!("--watch-namespace={ns}"));
-    let extra: Vec<&str> = watch_flag.iter().map(String::as_str).collect();
-    let mut gw = Gateway::start(&kubeconfig, &extra);
-    wait_until(
-        Duration::from_secs(30),
-        "/readyz",
-        || gw.log(),
-        || matches!(http_get(gw.admin, "/readyz", &[]), Ok((200, _))).then_some(()),
-    );
+    let mut args = vec!["--shutdown-grace=2s"];
+    args.extend(watch_flag.iter().map(String::as_str));
+    let kubeconfig_env = kubeconfig.to_str().expect("a UTF-8 path");
+    let envs = [
+        ("KUBECONFIG", kubeconfig_env),
+        ("POD_NAME", "tollgate-test-0"),
+        ("POD_NAMESPACE", NS),
+    ];
+    let mut gw = rt.block_on(GatewayProcess::run(&args, &envs, Duration::from_secs(60)));
 
     cp.kubectl_stdin(
         &["apply"],
@@ -1608,24 +1184,34 @@ metadata: {{name: hello, namespace: {ns}}}
 spec:
   match: {{pathPrefix: /api/v1/hello}}
   rewrite: {{pathPrefix: /hello}}
-  backends: [{{url: \"http://{}\"}}]
+  backends: [{{url: \"{}\"}}]
 ",
-            backend.addr
+            backend.url()
         ),
     );
-    let key = [("X-API-Key", "install-test-key-0001")];
-    let (status, body) = wait_until(
+    let http = support::client();
+    let url = gw.url("/api/v1/hello/x");
+    let body = rt.block_on(support::eventually(
         Duration::from_secs(20),
         "the route serving 200",
-        || gw.log(),
-        || match http_get(gw.listen, "/api/v1/hello/x", &key) {
-            Ok((200, body)) => Some((200, body)),
-            _ => None,
+        || async {
+            let r = http
+                .get(&url)
+                .header("X-API-Key", "install-test-key-0001")
+                .send()
+                .await
+                .ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            r.text().await.ok()
         },
-    );
-    assert_eq!(status, 200);
+    ));
     assert_eq!(body, "backend saw /hello/x client=install-test");
-    let (status, _) = http_get(gw.listen, "/api/v1/hello/x", &[]).expect("request");
+    let status = rt
+        .block_on(async { http.get(&url).send().await })
+        .expect("request")
+        .status();
     assert_eq!(status, 401, "no key, no entry");
 
     // The writes the chart's RBAC must allow: the Lease, status, Events.
@@ -1668,18 +1254,13 @@ spec:
         "True",
         Duration::from_secs(20),
     );
-    wait_until(
+    cp.wait_for_nonempty(
+        &["get", "events", "-n", ns, "-o", "name"],
         Duration::from_secs(20),
-        "an Event from the gateway",
-        || gw.log(),
-        || {
-            let ev = cp.kubectl(&["get", "events", "-n", ns, "-o", "name"]);
-            (!ev.trim().is_empty()).then_some(())
-        },
     );
 
-    let status = gw.terminate();
-    let log = gw.log();
+    let status = rt.block_on(gw.terminate());
+    let log = gw.output();
     let lower = log.to_lowercase();
     assert!(
         !lower.contains("forbidden") && !lower.contains("\"code\":403"),

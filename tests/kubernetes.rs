@@ -2,7 +2,7 @@
 //! with a kube client reach traffic, status flows back from one leader, RBAC from manifests/ is
 //! enough, and the gateway rides out an API server outage. One namespace per test.
 
-mod support_k8s;
+mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use kube::api::ListParams;
 use kube::Api;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use support_k8s::*;
+use support::k8s::*;
 use tollgate::sources::kubernetes::leader::LeaseTiming;
 
 /// Bound of an ordinary test here (the control plane may still be starting).

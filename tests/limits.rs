@@ -13,6 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::{json, Value};
 use support::process::GatewayProcess;
+use support::redis::RedisServer;
 use support::*;
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -81,18 +82,14 @@ async fn a1_a_hammering_client_is_admitted_burst_plus_refill() {
         .map_or(Duration::from_secs(5), Duration::from_secs);
     let bound = hammer_for + Duration::from_secs(15);
     let test = async {
-        let b = Backend::echo("api").await;
-        let mut docs = key_with_limit(
-            "hammer",
-            "hammer-1",
-            KEY,
-            json!({"requestsPerMinute": RPM, "burst": BURST}),
-        );
-        docs.push(route(
-            "api",
-            json!({"match": {"pathPrefix": "/api"}, "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let limit = json!({"requestsPerMinute": RPM, "burst": BURST});
+        let s = Scenario::new()
+            .backend("api")
+            .docs(key_with_limit("hammer", "hammer-1", KEY, limit))
+            .route("api", json!({"match": {"pathPrefix": "/api"}}))
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("api"));
 
         let (mut admitted, mut refused) = (0u64, 0u64);
         let (mut saw_200, mut saw_429) = (false, false);
@@ -100,7 +97,7 @@ async fn a1_a_hammering_client_is_admitted_burst_plus_refill() {
         let mut last = first;
         while first.elapsed() < hammer_for {
             last = Instant::now();
-            let r = get_with_key(&gw, "/api/x", KEY).await;
+            let r = get_with_key(gw, "/api/x", KEY).await;
             match r.status() {
                 StatusCode::OK => {
                     admitted += 1;
@@ -625,64 +622,6 @@ async fn a3_an_unused_reservation_is_refunded() {
 // A2: limits shared through Redis
 // ---------------------------------------------------------------------------------------------
 
-/// A `redis-server` of this test's own on a free loopback port, no persistence.
-struct RedisServer {
-    child: tokio::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    async fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let dir = tempfile::tempdir().expect("a directory for redis");
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server)");
-        let server = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
-        eventually(Duration::from_secs(5), "redis-server answers PING", || {
-            server.ping()
-        })
-        .await;
-        server
-    }
-
-    async fn ping(&self) -> Option<()> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .ok()?;
-        s.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).await.ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (SIGKILL), as a crash would.
-    async fn kill(&mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
 /// What one client hammering one replica saw.
 struct Hammered {
     admitted: u64,
@@ -732,7 +671,7 @@ async fn a2_three_replicas_sharing_redis_admit_the_limit_once() {
     const KEY: &str = "tg-a2-shared-key-5a90";
     tokio::time::timeout(Duration::from_secs(60), async {
         let b = Backend::echo("api").await;
-        let mut redis = RedisServer::start().await;
+        let mut redis = RedisServer::start();
         let mut docs = key_with_limit(
             "shared",
             "shared-1",
@@ -798,7 +737,7 @@ async fn a2_three_replicas_sharing_redis_admit_the_limit_once() {
         assert_eq!(b.count() as u64, admitted);
 
         // Redis dies: each replica answers from its own limits, never with an error.
-        redis.kill().await;
+        redis.kill();
         let until = Instant::now() + Duration::from_millis(1500);
         let runs = futures_util::future::join_all(
             replicas
@@ -831,10 +770,7 @@ async fn a2_three_replicas_sharing_redis_admit_the_limit_once() {
 async fn rediss_urls_are_accepted() {
     use tollgate::ratelimit::{BucketSpec, RateLimiter, RedisConfig, RedisLimiter};
     bounded(async {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = support::ports::free_port();
         let mut config = RedisConfig::new(format!("rediss://127.0.0.1:{port}/0"));
         config.connect_timeout = Duration::from_millis(200);
         let redis = RedisLimiter::connect(config)

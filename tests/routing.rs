@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
+use support::metrics::metric;
 use support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -18,21 +19,22 @@ use support::*;
 #[tokio::test]
 async fn longest_prefix_wins_and_matching_is_segment_aware() {
     bounded(async {
-        let chat = Backend::echo("chat").await;
-        let stream = Backend::echo("stream").await;
-        let gw = gateway(yaml([
-            route(
+        let s = Scenario::new()
+            .backend("chat")
+            .backend("stream")
+            .open_route_to(
                 "chat",
-                json!({"match": {"pathPrefix": "/api/v1/chat"}, "auth": {"required": false},
-                       "backends": [{"url": chat.url()}]}),
-            ),
-            route(
+                "chat",
+                json!({"match": {"pathPrefix": "/api/v1/chat"}}),
+            )
+            .open_route_to(
+                "stream",
                 "chat-stream",
-                json!({"match": {"pathPrefix": "/api/v1/chat/stream"}, "auth": {"required": false},
-                       "backends": [{"url": stream.url()}]}),
-            ),
-        ]))
-        .await;
+                json!({"match": {"pathPrefix": "/api/v1/chat/stream"}}),
+            )
+            .start()
+            .await;
+        let (gw, chat, stream) = (&s.gw, s.backend("chat"), s.backend("stream"));
 
         for (path, want) in [
             ("/api/v1/chat", "chat"),
@@ -62,28 +64,25 @@ async fn longest_prefix_wins_and_matching_is_segment_aware() {
 #[tokio::test]
 async fn host_matching_prefers_exact_then_wildcard_then_any() {
     bounded(async {
-        let exact = Backend::echo("exact").await;
-        let wild = Backend::echo("wild").await;
-        let any = Backend::echo("any").await;
-        let open = json!({"required": false});
-        let gw = gateway(yaml([
+        let s = Scenario::new()
+            .backend("exact")
+            .backend("wild")
+            .backend("any")
             // Listed least specific first: the table, not the file order, decides.
-            route(
-                "any",
-                json!({"match": {"pathPrefix": "/h"}, "auth": open, "backends": [{"url": any.url()}]}),
-            ),
-            route(
+            .open_route_to("any", "any", json!({"match": {"pathPrefix": "/h"}}))
+            .open_route_to(
                 "wild",
-                json!({"hosts": ["*.example.com"], "match": {"pathPrefix": "/h"}, "auth": open,
-                       "backends": [{"url": wild.url()}]}),
-            ),
-            route(
+                "wild",
+                json!({"hosts": ["*.example.com"], "match": {"pathPrefix": "/h"}}),
+            )
+            .open_route_to(
                 "exact",
-                json!({"hosts": ["api.example.com"], "match": {"pathPrefix": "/h"}, "auth": open,
-                       "backends": [{"url": exact.url()}]}),
-            ),
-        ]))
-        .await;
+                "exact",
+                json!({"hosts": ["api.example.com"], "match": {"pathPrefix": "/h"}}),
+            )
+            .start()
+            .await;
+        let (gw, exact) = (&s.gw, s.backend("exact"));
 
         for (host, want) in [
             ("api.example.com", "exact"),
@@ -115,22 +114,23 @@ async fn host_matching_prefers_exact_then_wildcard_then_any() {
 #[tokio::test]
 async fn header_conditions_select_a_route() {
     bounded(async {
-        let planner = Backend::echo("planner").await;
-        let general = Backend::echo("general").await;
-        let open = json!({"required": false});
-        let gw = gateway(yaml([
-            route(
+        let s = Scenario::new()
+            .backend("planner")
+            .backend("general")
+            .open_route_to(
                 "general",
-                json!({"match": {"pathPrefix": "/agents"}, "auth": open,
-                       "backends": [{"url": general.url()}]}),
-            ),
-            route(
+                "general",
+                json!({"match": {"pathPrefix": "/agents"}}),
+            )
+            .open_route_to(
                 "planner",
-                json!({"match": {"pathPrefix": "/agents", "headers": [{"name": "x-agent", "value": "planner"}]},
-                       "auth": open, "backends": [{"url": planner.url()}]}),
-            ),
-        ]))
-        .await;
+                "planner",
+                json!({"match": {"pathPrefix": "/agents",
+                                 "headers": [{"name": "x-agent", "value": "planner"}]}}),
+            )
+            .start()
+            .await;
+        let (gw, planner, general) = (&s.gw, s.backend("planner"), s.backend("general"));
 
         let send = |value: Option<&'static str>| {
             let mut rb = gw.http.get(gw.url("/agents/run"));
@@ -144,7 +144,11 @@ async fn header_conditions_select_a_route() {
             }
         };
         assert_eq!(send(Some("planner")).await, "planner");
-        assert_eq!(send(Some("Planner")).await, "general", "values match exactly");
+        assert_eq!(
+            send(Some("Planner")).await,
+            "general",
+            "values match exactly"
+        );
         assert_eq!(send(Some("coder")).await, "general");
         assert_eq!(send(None).await, "general");
         assert_eq!(planner.count(), 1);
@@ -156,22 +160,24 @@ async fn header_conditions_select_a_route() {
 #[tokio::test]
 async fn body_field_routes_by_model_and_forwards_the_whole_body() {
     bounded(async {
-        let openai = Backend::echo("openai").await;
-        let local = Backend::echo("local").await;
-        let open = json!({"required": false});
-        let gw = gateway(yaml([
-            route(
+        let s = Scenario::new()
+            .backend("openai")
+            .backend("local")
+            .open_route_to(
+                "openai",
                 "gpt",
-                json!({"match": {"pathPrefix": "/v1/chat", "bodyField": {"name": "model", "values": ["gpt-4o", "gpt-4o-mini"]}},
-                       "auth": open, "backends": [{"url": openai.url()}]}),
-            ),
-            route(
+                json!({"match": {"pathPrefix": "/v1/chat",
+                                 "bodyField": {"name": "model", "values": ["gpt-4o", "gpt-4o-mini"]}}}),
+            )
+            .open_route_to(
+                "local",
                 "llama",
-                json!({"match": {"pathPrefix": "/v1/chat", "bodyField": {"name": "model", "values": ["llama-3"]}},
-                       "auth": open, "backends": [{"url": local.url()}]}),
-            ),
-        ]))
-        .await;
+                json!({"match": {"pathPrefix": "/v1/chat",
+                                 "bodyField": {"name": "model", "values": ["llama-3"]}}}),
+            )
+            .start()
+            .await;
+        let (gw, openai, local) = (&s.gw, s.backend("openai"), s.backend("local"));
 
         let post = |body: serde_json::Value| {
             let rb = gw.http.post(gw.url("/v1/chat/completions")).json(&body);
@@ -207,13 +213,15 @@ async fn body_field_routes_by_model_and_forwards_the_whole_body() {
 #[tokio::test]
 async fn wrong_method_is_405_with_allow() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let gw = gateway(yaml([route(
-            "post-only",
-            json!({"match": {"pathPrefix": "/submit", "methods": ["POST", "PUT"]}, "auth": {"required": false},
-                   "backends": [{"url": b.url()}]}),
-        )]))
-        .await;
+        let s = Scenario::new()
+            .backend("b")
+            .open_route(
+                "post-only",
+                json!({"match": {"pathPrefix": "/submit", "methods": ["POST", "PUT"]}}),
+            )
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
         let r = gw.get("/submit/x").await;
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
@@ -228,7 +236,11 @@ async fn wrong_method_is_405_with_allow() {
             .await
             .expect("gateway answers");
         assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(b.count(), 1, "the refused request never reached the backend");
+        assert_eq!(
+            b.count(),
+            1,
+            "the refused request never reached the backend"
+        );
     })
     .await;
 }
@@ -236,23 +248,18 @@ async fn wrong_method_is_405_with_allow() {
 #[tokio::test]
 async fn oversized_bodies_are_refused_with_413() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let gw = gateway_with(
-            yaml([
-                route(
-                    "upload",
-                    json!({"match": {"pathPrefix": "/upload"}, "auth": {"required": false},
-                           "backends": [{"url": b.url()}]}),
-                ),
-                route(
-                    "by-model",
-                    json!({"match": {"pathPrefix": "/model", "bodyField": {"name": "model", "values": ["m"]}},
-                           "auth": {"required": false}, "backends": [{"url": b.url()}]}),
-                ),
-            ]),
-            |o| o.proxy.max_body_bytes = 1024,
-        )
-        .await;
+        let s = Scenario::new()
+            .backend("b")
+            .open_route("upload", json!({"match": {"pathPrefix": "/upload"}}))
+            .open_route(
+                "by-model",
+                json!({"match": {"pathPrefix": "/model",
+                                 "bodyField": {"name": "model", "values": ["m"]}}}),
+            )
+            .options(|o| o.proxy.max_body_bytes = 1024)
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
 
         // At the limit: forwarded.
         let r = gw
@@ -283,7 +290,9 @@ async fn oversized_bodies_are_refused_with_413() {
         let r = gw
             .http
             .post(gw.url("/upload"))
-            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
             .send()
             .await
             .expect("gateway answers");
@@ -300,11 +309,17 @@ async fn oversized_bodies_are_refused_with_413() {
         let r = gw
             .http
             .post(gw.url("/model"))
-            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
             .send()
             .await
             .expect("gateway answers");
-        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "bodyField route, chunked");
+        assert_eq!(
+            r.status(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bodyField route, chunked"
+        );
         assert_eq!(error_code(r).await, "payload_too_large");
         assert!(b.requests().iter().skip(1).all(|s| s.body_failed));
 
@@ -314,7 +329,9 @@ async fn oversized_bodies_are_refused_with_413() {
         let r = gw
             .http
             .post(gw.url("/upload"))
-            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
             .send()
             .await
             .expect("gateway answers");
@@ -324,7 +341,10 @@ async fn oversized_bodies_are_refused_with_413() {
             .iter()
             .filter(|s| !s.body_failed && s.body.len() == 1024)
             .count();
-        assert_eq!(whole, 2, "only the two bodies within the limit arrived whole");
+        assert_eq!(
+            whole, 2,
+            "only the two bodies within the limit arrived whole"
+        );
     })
     .await;
 }
@@ -332,13 +352,15 @@ async fn oversized_bodies_are_refused_with_413() {
 #[tokio::test]
 async fn prefix_rewrite_keeps_the_rest_and_the_query() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let gw = gateway(yaml([route(
-            "chat",
-            json!({"match": {"pathPrefix": "/api/v1/chat"}, "auth": {"required": false},
-                   "rewrite": {"pathPrefix": "/handle"}, "backends": [{"url": b.url()}]}),
-        )]))
-        .await;
+        let s = Scenario::new()
+            .backend("b")
+            .open_route(
+                "chat",
+                json!({"match": {"pathPrefix": "/api/v1/chat"}, "rewrite": {"pathPrefix": "/handle"}}),
+            )
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
         for (path, want) in [
             ("/api/v1/chat/x?q=1", "/handle/x?q=1"),
             ("/api/v1/chat", "/handle"),
@@ -361,20 +383,13 @@ const CLIENT_KEY: &str = "tg-routing-key-31d7";
 #[tokio::test]
 async fn gateway_headers_reach_the_backend_and_credentials_do_not() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let mut docs = api_key(
-            "default",
-            "agent",
-            "agent-7",
-            CLIENT_KEY,
-            &["user"],
-            json!({}),
-        );
-        docs.push(route(
-            "api",
-            json!({"match": {"pathPrefix": "/api"}, "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let s = Scenario::new()
+            .backend("b")
+            .key("agent", "agent-7", CLIENT_KEY, &["user"])
+            .route("api", json!({"match": {"pathPrefix": "/api"}}))
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
 
         let trace = "0af7651916cd43dd8448eb211c80319c";
         let r = gw
@@ -475,13 +490,12 @@ async fn gateway_headers_reach_the_backend_and_credentials_do_not() {
 #[tokio::test]
 async fn client_id_is_never_spoofed_on_open_routes() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let gw = gateway(yaml([route(
-            "open",
-            json!({"match": {"pathPrefix": "/open"}, "auth": {"required": false},
-                   "backends": [{"url": b.url()}]}),
-        )]))
-        .await;
+        let s = Scenario::new()
+            .backend("b")
+            .open_route("open", json!({"match": {"pathPrefix": "/open"}}))
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
         let r = gw
             .http
             .get(gw.url("/open"))
@@ -502,55 +516,57 @@ async fn client_id_is_never_spoofed_on_open_routes() {
 #[tokio::test]
 async fn auth_refusals_are_401_and_403_and_never_reach_the_backend() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let mut docs = Vec::new();
-        docs.extend(api_key(
-            "agents",
-            "user",
-            "user-1",
-            "tg-user-key-1",
-            &["user"],
-            json!({}),
-        ));
-        docs.extend(api_key(
-            "agents",
-            "admin",
-            "admin-1",
-            "tg-admin-key-1",
-            &["admin"],
-            json!({}),
-        ));
-        docs.extend(api_key(
-            "agents",
-            "old",
-            "old-1",
-            "tg-expired-key-1",
-            &["admin"],
-            json!({"expiresAt": "2020-01-01T00:00:00Z"}),
-        ));
-        docs.extend(api_key(
-            "agents",
-            "off",
-            "off-1",
-            "tg-disabled-key-1",
-            &["admin"],
-            json!({"disabled": true}),
-        ));
-        docs.extend(api_key(
-            "other",
-            "foreign",
-            "foreign-1",
-            "tg-foreign-key-1",
-            &["admin"],
-            json!({}),
-        ));
-        docs.push(route_in(
-            "agents",
-            "tools",
-            json!({"match": {"pathPrefix": "/tools"}, "auth": {"roles": ["admin"]},
-                   "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let none = json!({});
+        let s = Scenario::new()
+            .backend("b")
+            .key_in(
+                "agents",
+                "user",
+                "user-1",
+                "tg-user-key-1",
+                &["user"],
+                none.clone(),
+            )
+            .key_in(
+                "agents",
+                "admin",
+                "admin-1",
+                "tg-admin-key-1",
+                &["admin"],
+                none.clone(),
+            )
+            .key_in(
+                "agents",
+                "old",
+                "old-1",
+                "tg-expired-key-1",
+                &["admin"],
+                json!({"expiresAt": "2020-01-01T00:00:00Z"}),
+            )
+            .key_in(
+                "agents",
+                "off",
+                "off-1",
+                "tg-disabled-key-1",
+                &["admin"],
+                json!({"disabled": true}),
+            )
+            .key_in(
+                "other",
+                "foreign",
+                "foreign-1",
+                "tg-foreign-key-1",
+                &["admin"],
+                none,
+            )
+            .route_in(
+                "agents",
+                "tools",
+                json!({"match": {"pathPrefix": "/tools"}, "auth": {"roles": ["admin"]}}),
+            )
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
 
         let call = |key: Option<&'static str>| {
             let mut rb = gw.http.post(gw.url("/tools/run")).body("{}");
@@ -598,29 +614,30 @@ async fn auth_refusals_are_401_and_403_and_never_reach_the_backend() {
 #[tokio::test]
 async fn auth_admits_bearer_key_hash_other_namespaces_and_open_routes() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let mut docs = Vec::new();
-        docs.extend(api_key("agents", "user", "user-1", "tg-user-key-2", &["user"], json!({})));
-        docs.push(api_key_spec(
-            "agents",
-            "hashed",
-            json!({"clientId": "hashed-1", "keyHash": key_hash("tg-hashed-key-2"), "roles": ["user"]}),
-        ));
-        docs.extend(api_key("partners", "partner", "partner-1", "tg-partner-key-2", &["user"], json!({})));
-        docs.extend(api_key("elsewhere", "stranger", "stranger-1", "tg-stranger-key-2", &["user"], json!({})));
-        docs.push(route_in(
-            "agents",
-            "shared",
-            json!({"match": {"pathPrefix": "/shared"}, "auth": {"allowNamespaces": ["partners"]},
-                   "backends": [{"url": b.url()}]}),
-        ));
-        docs.push(route_in(
-            "agents",
-            "public",
-            json!({"match": {"pathPrefix": "/public"}, "auth": {"required": false},
-                   "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let user = &["user"];
+        let s = Scenario::new()
+            .backend("b")
+            .key_in("agents", "user", "user-1", "tg-user-key-2", user, json!({}))
+            .doc(api_key_spec(
+                "agents",
+                "hashed",
+                json!({"clientId": "hashed-1", "keyHash": key_hash("tg-hashed-key-2"), "roles": ["user"]}),
+            ))
+            .key_in("partners", "partner", "partner-1", "tg-partner-key-2", user, json!({}))
+            .key_in("elsewhere", "stranger", "stranger-1", "tg-stranger-key-2", user, json!({}))
+            .route_in(
+                "agents",
+                "shared",
+                json!({"match": {"pathPrefix": "/shared"}, "auth": {"allowNamespaces": ["partners"]}}),
+            )
+            .route_in(
+                "agents",
+                "public",
+                json!({"match": {"pathPrefix": "/public"}, "auth": {"required": false}}),
+            )
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
 
         let ok = |path: &'static str, auth: Option<(&'static str, String)>| {
             let mut rb = gw.http.get(gw.url(path));
@@ -656,17 +673,19 @@ async fn auth_admits_bearer_key_hash_other_namespaces_and_open_routes() {
 #[tokio::test]
 async fn cors_preflight_is_answered_by_the_gateway() {
     bounded(async {
-        let b = Backend::echo("b").await;
-        let mut docs = api_key("default", "web", "web-1", "tg-cors-key-1", &[], json!({}));
-        docs.push(route(
-            "chat",
-            json!({"match": {"pathPrefix": "/chat", "methods": ["POST"]},
-                   "cors": {"allowOrigins": ["https://app.example.com"], "allowMethods": ["POST"],
-                            "allowHeaders": ["content-type", "x-api-key"], "exposeHeaders": ["x-request-id"],
-                            "maxAge": "10m"},
-                   "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let s = Scenario::new()
+            .backend("b")
+            .key("web", "web-1", "tg-cors-key-1", &[])
+            .route(
+                "chat",
+                json!({"match": {"pathPrefix": "/chat", "methods": ["POST"]},
+                       "cors": {"allowOrigins": ["https://app.example.com"], "allowMethods": ["POST"],
+                                "allowHeaders": ["content-type", "x-api-key"],
+                                "exposeHeaders": ["x-request-id"], "maxAge": "10m"}}),
+            )
+            .start()
+            .await;
+        let (gw, b) = (&s.gw, s.backend("b"));
 
         let preflight = |origin: &'static str| {
             let rb = gw
@@ -729,24 +748,23 @@ async fn cors_preflight_is_answered_by_the_gateway() {
 #[tokio::test]
 async fn a_503_is_retried_with_the_body_replayed() {
     bounded(async {
-        let flaky = Backend::spawn(
-            "flaky",
-            handler(|_, n| async move {
-                if n == 0 {
-                    respond(StatusCode::SERVICE_UNAVAILABLE, "busy")
-                } else {
-                    respond(StatusCode::OK, "done")
-                }
-            }),
-        )
-        .await;
-        let gw = gateway(yaml([route(
-            "tools",
-            json!({"match": {"pathPrefix": "/tools"}, "auth": {"required": false},
-                   "retry": {"attempts": 2, "retryOn": [502, 503, "connect-failure"], "backoff": "10ms"},
-                   "backends": [{"url": flaky.url()}]}),
-        )]))
-        .await;
+        let busy_once = handler(|_, n| async move {
+            if n == 0 {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "busy")
+            } else {
+                respond(StatusCode::OK, "done")
+            }
+        });
+        let s = Scenario::new()
+            .backend_with("flaky", busy_once)
+            .open_route(
+                "tools",
+                json!({"match": {"pathPrefix": "/tools"},
+                       "retry": {"attempts": 2, "retryOn": [502, 503, "connect-failure"], "backoff": "10ms"}}),
+            )
+            .start()
+            .await;
+        let (gw, flaky) = (&s.gw, s.backend("flaky"));
         let body = json!({"tool": "calculator", "input": "6*7"});
         let r = gw
             .http
@@ -772,23 +790,21 @@ async fn a_503_is_retried_with_the_body_replayed() {
 #[tokio::test]
 async fn with_one_attempt_a_503_passes_through() {
     bounded(async {
-        let flaky = Backend::spawn(
-            "flaky",
-            handler(|_, _| async move {
-                let mut r = respond(StatusCode::SERVICE_UNAVAILABLE, "busy, try later");
-                r.headers_mut()
-                    .insert("retry-after", http::HeaderValue::from_static("3"));
-                r
-            }),
-        )
-        .await;
-        let gw = gateway(yaml([route(
-            "tools",
-            json!({"match": {"pathPrefix": "/tools"}, "auth": {"required": false},
-                   "retry": {"attempts": 1, "retryOn": [503]},
-                   "backends": [{"url": flaky.url()}]}),
-        )]))
-        .await;
+        let busy = handler(|_, _| async move {
+            let mut r = respond(StatusCode::SERVICE_UNAVAILABLE, "busy, try later");
+            r.headers_mut()
+                .insert("retry-after", http::HeaderValue::from_static("3"));
+            r
+        });
+        let s = Scenario::new()
+            .backend_with("flaky", busy)
+            .open_route(
+                "tools",
+                json!({"match": {"pathPrefix": "/tools"}, "retry": {"attempts": 1, "retryOn": [503]}}),
+            )
+            .start()
+            .await;
+        let (gw, flaky) = (&s.gw, s.backend("flaky"));
         let r = gw
             .http
             .post(gw.url("/tools/run"))
@@ -810,20 +826,19 @@ async fn with_one_attempt_a_503_passes_through() {
 #[tokio::test]
 async fn a_slow_upstream_hits_the_first_byte_timeout() {
     bounded(async {
-        let slow = Backend::spawn(
-            "slow",
-            handler(|_, _| async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                respond(StatusCode::OK, "too late")
-            }),
-        )
-        .await;
-        let gw = gateway(yaml([route(
-            "slow",
-            json!({"match": {"pathPrefix": "/slow"}, "auth": {"required": false},
-                   "timeouts": {"firstByte": "200ms"}, "backends": [{"url": slow.url()}]}),
-        )]))
-        .await;
+        let too_late = handler(|_, _| async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            respond(StatusCode::OK, "too late")
+        });
+        let s = Scenario::new()
+            .backend_with("slow", too_late)
+            .open_route(
+                "slow",
+                json!({"match": {"pathPrefix": "/slow"}, "timeouts": {"firstByte": "200ms"}}),
+            )
+            .start()
+            .await;
+        let (gw, slow) = (&s.gw, s.backend("slow"));
         let started = std::time::Instant::now();
         let r = gw.get("/slow").await;
         let took = started.elapsed();
@@ -840,37 +855,27 @@ async fn a_slow_upstream_hits_the_first_byte_timeout() {
 async fn an_unreachable_backend_is_502_after_the_connect_failure_retries() {
     bounded(async {
         // A port that was just free: nothing listens there.
-        let closed = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        };
-        let gw = gateway(yaml([route(
-            "gone",
-            json!({"match": {"pathPrefix": "/gone"}, "auth": {"required": false},
-                   "retry": {"attempts": 3, "retryOn": ["connect-failure"]},
-                   "backends": [{"url": format!("http://{closed}")}]}),
-        )]))
-        .await;
+        let closed = format!("127.0.0.1:{}", support::ports::free_port());
+        let s = Scenario::new()
+            .open_route(
+                "gone",
+                json!({"match": {"pathPrefix": "/gone"},
+                       "retry": {"attempts": 3, "retryOn": ["connect-failure"]},
+                       "backends": [{"url": format!("http://{closed}")}]}),
+            )
+            .start()
+            .await;
+        let gw = &s.gw;
         let r = gw.get("/gone").await;
         assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(error_code(r).await, "connect_failed");
-        let metrics = gw
-            .http
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("admin answers")
-            .text()
-            .await
-            .expect("metrics");
-        let line = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("tollgate_upstream_requests_total{")
-                    && l.contains("outcome=\"connect_failure\"")
-            })
-            .unwrap_or_else(|| panic!("no connect_failure outcome in:\n{metrics}"));
-        assert!(line.ends_with(" 3"), "three tries in all: {line}");
+        let metrics = gw.metrics().await;
+        let tries = metric(
+            &metrics,
+            "tollgate_upstream_requests_total",
+            &["outcome=\"connect_failure\""],
+        );
+        assert_eq!(tries, Some(3.0), "three tries in all:\n{metrics}");
     })
     .await;
 }
@@ -878,24 +883,20 @@ async fn an_unreachable_backend_is_502_after_the_connect_failure_retries() {
 #[tokio::test]
 async fn hop_by_hop_response_headers_are_removed() {
     bounded(async {
-        let b = Backend::spawn(
-            "hoppy",
-            handler(|_, _| async move {
-                let mut r = respond(StatusCode::OK, "ok");
-                let h = r.headers_mut();
-                h.insert("connection", http::HeaderValue::from_static("x-internal"));
-                h.insert("x-internal", http::HeaderValue::from_static("backend-only"));
-                h.insert("x-public", http::HeaderValue::from_static("yes"));
-                r
-            }),
-        )
-        .await;
-        let gw = gateway(yaml([route(
-            "hoppy",
-            json!({"match": {"pathPrefix": "/hoppy"}, "auth": {"required": false},
-                   "backends": [{"url": b.url()}]}),
-        )]))
-        .await;
+        let hoppy = handler(|_, _| async move {
+            let mut r = respond(StatusCode::OK, "ok");
+            let h = r.headers_mut();
+            h.insert("connection", http::HeaderValue::from_static("x-internal"));
+            h.insert("x-internal", http::HeaderValue::from_static("backend-only"));
+            h.insert("x-public", http::HeaderValue::from_static("yes"));
+            r
+        });
+        let s = Scenario::new()
+            .backend_with("hoppy", hoppy)
+            .open_route("hoppy", json!({"match": {"pathPrefix": "/hoppy"}}))
+            .start()
+            .await;
+        let gw = &s.gw;
         let r = gw.get("/hoppy").await;
         assert_eq!(r.status(), StatusCode::OK);
         assert!(!r.headers().contains_key("x-internal"));
@@ -916,20 +917,13 @@ async fn hop_by_hop_response_headers_are_removed() {
 async fn admin_reports_health_metrics_and_routes_without_key_material() {
     const PLAIN: &str = "tg-PLAIN-never-print-9b41e7";
     bounded(async {
-        let b = Backend::echo("b").await;
-        let mut docs = api_key(
-            "default",
-            "watched",
-            "watched-1",
-            PLAIN,
-            &["user"],
-            json!({}),
-        );
-        docs.push(route(
-            "chat",
-            json!({"match": {"pathPrefix": "/chat"}, "backends": [{"url": b.url()}]}),
-        ));
-        let gw = gateway(yaml(docs)).await;
+        let s = Scenario::new()
+            .backend("b")
+            .key("watched", "watched-1", PLAIN, &["user"])
+            .route("chat", json!({"match": {"pathPrefix": "/chat"}}))
+            .start()
+            .await;
+        let gw = &s.gw;
         let admin = |path: &'static str| {
             let rb = gw.http.get(gw.admin_url(path));
             async move { rb.send().await.expect("admin answers") }
@@ -955,21 +949,15 @@ async fn admin_reports_health_metrics_and_routes_without_key_material() {
         let r = gw.get("/nowhere").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
-        let metrics = admin("/metrics").await.text().await.expect("metrics text");
-        let line = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("tollgate_requests_total{")
-                    && l.contains("route=\"default/chat\"")
-                    && l.contains("code=\"200\"")
-                    && l.contains("method=\"GET\"")
-            })
-            .unwrap_or_else(|| panic!("no request counter for the route in:\n{metrics}"));
-        assert!(line.ends_with(" 1"), "{line}");
+        let metrics = gw.metrics().await;
+        let served = metric(
+            &metrics,
+            "tollgate_requests_total",
+            &["route=\"default/chat\"", "code=\"200\"", "method=\"GET\""],
+        );
+        assert_eq!(served, Some(1.0), "the route's request counter:\n{metrics}");
         assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("tollgate_requests_total{") && l.contains("code=\"404\"")),
+            metric(&metrics, "tollgate_requests_total", &["code=\"404\""]).is_some(),
             "{metrics}"
         );
 

@@ -6,7 +6,6 @@
 //! backend.
 
 mod support;
-mod support_bin;
 
 use std::time::Duration;
 
@@ -260,7 +259,7 @@ async fn plain_keys_never_reach_logs_metrics_debug_output_or_backends() {
                 r.text().await.expect("text")
             }
         };
-        let metrics = admin("/metrics").await;
+        let metrics = gw.metrics().await;
         assert!(
             metrics.contains("canary-client"),
             "per-client metrics are on"

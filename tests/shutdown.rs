@@ -3,7 +3,6 @@
 //! proxy port, lets the request and the stream finish, and exits 0 within `--shutdown-grace`.
 
 mod support;
-mod support_bin;
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +10,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
 use support::process::GatewayProcess;
+use support::raw::raw_request;
 use support::*;
-use support_bin::raw_request;
 
 const KEY: &str = "tg-shutdown-key-5e0a";
 

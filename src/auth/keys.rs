@@ -116,7 +116,7 @@ pub fn parse_key_hash(text: &str) -> Option<KeyDigest> {
 }
 
 /// Digests are already uniformly distributed: use 8 of their bytes as the hash instead of
-/// running SipHash over all 32 (measured in `benches/hot_path.rs`, key lookup).
+/// running SipHash over all 32 (measured in `bench/micro/hot_path.rs`, key lookup).
 #[derive(Default)]
 pub struct DigestHasher(u64);
 

@@ -489,9 +489,7 @@ impl Refresh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::net::{TcpListener, UdpSocket};
-    use std::process::{Child, Command, Stdio};
+    use crate::test_support::dnsmasq::Dnsmasq;
 
     const NAME: &str = "chat.agents.svc.cluster.local";
 
@@ -503,115 +501,14 @@ mod tests {
         set.endpoints().iter().map(|e| e.addr.ip()).collect()
     }
 
-    /// A real dnsmasq on a loopback port, serving names from a hosts file with TTL 1 s.
-    struct Dnsmasq {
-        child: Child,
-        port: u16,
-        hosts: tempfile::NamedTempFile,
+    /// dnsmasq (the integration tests' launcher) answering for the cluster domain, `records`
+    /// as the addresses of [`NAME`]; unknown names get NXDOMAIN.
+    fn dnsmasq(records: &[&str]) -> Option<Dnsmasq> {
+        Dnsmasq::start_or_skip("cluster.local", &for_name(records))
     }
 
-    impl Dnsmasq {
-        /// `None` when dnsmasq is missing and TOLLGATE_SKIP_DNS=1; panics when it is missing
-        /// otherwise (CI installs it).
-        fn start(records: &[&str]) -> Option<Self> {
-            let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq", "/sbin/dnsmasq"]
-                .into_iter()
-                .find(|p| std::path::Path::new(p).exists());
-            let Some(binary) = binary else {
-                if std::env::var("TOLLGATE_SKIP_DNS").as_deref() == Ok("1") {
-                    eprintln!("dnsmasq not installed and TOLLGATE_SKIP_DNS=1: skipping");
-                    return None;
-                }
-                panic!(
-                    "dnsmasq not found: apt-get install -y dnsmasq-base (or TOLLGATE_SKIP_DNS=1)"
-                );
-            };
-            let hosts = tempfile::NamedTempFile::new().unwrap();
-            write_hosts(hosts.path(), records);
-            for _ in 0..20 {
-                let port = free_port();
-                let mut child = Command::new(binary)
-                    .args([
-                        "--no-daemon",
-                        "--conf-file=/dev/null",
-                        "--user=root",
-                        "--group=root",
-                        "--pid-file=",
-                        "--bind-interfaces",
-                        "--listen-address=127.0.0.1",
-                        "--no-resolv",
-                        "--no-hosts",
-                        // Authoritative for the cluster domain: unknown names get NXDOMAIN.
-                        "--local=/cluster.local/",
-                        "--local-ttl=1",
-                        "--log-facility=-",
-                    ])
-                    .arg(format!("--port={port}"))
-                    .arg(format!("--addn-hosts={}", hosts.path().display()))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                // Ready once it holds the port (we can no longer bind it).
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break; // port race lost: try another one
-                    }
-                    if UdpSocket::bind(("127.0.0.1", port)).is_err() {
-                        return Some(Self { child, port, hosts });
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            panic!("dnsmasq did not start");
-        }
-
-        fn server(&self) -> SocketAddr {
-            SocketAddr::from(([127, 0, 0, 1], self.port))
-        }
-
-        fn rewrite(&self, records: &[&str]) {
-            write_hosts(self.hosts.path(), records);
-            let status = Command::new("kill")
-                .args(["-HUP", &self.child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-
-        fn stop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    impl Drop for Dnsmasq {
-        fn drop(&mut self) {
-            self.stop();
-        }
-    }
-
-    fn write_hosts(path: &std::path::Path, records: &[&str]) {
-        let mut f = std::fs::File::create(path).unwrap();
-        for r in records {
-            writeln!(f, "{r} {NAME}").unwrap();
-        }
-        f.sync_all().unwrap();
-    }
-
-    /// A port free for both UDP and TCP on 127.0.0.1 (dnsmasq binds both).
-    fn free_port() -> u16 {
-        loop {
-            let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-            let port = udp.local_addr().unwrap().port();
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
+    fn for_name<'a>(records: &[&'a str]) -> Vec<(&'a str, &'a str)> {
+        records.iter().map(|ip| (*ip, NAME)).collect()
     }
 
     fn discovery(server: SocketAddr, stale_grace: Duration) -> DnsDiscovery {
@@ -629,7 +526,7 @@ mod tests {
 
     #[tokio::test]
     async fn resolves_three_records_into_a_set_of_three() {
-        let Some(dns) = Dnsmasq::start(&THREE) else {
+        let Some(dns) = dnsmasq(&THREE) else {
             return;
         };
         let d = discovery(dns.server(), Duration::from_secs(300));
@@ -652,7 +549,7 @@ mod tests {
 
     #[tokio::test]
     async fn picks_up_changed_records_after_the_ttl() {
-        let Some(dns) = Dnsmasq::start(&THREE) else {
+        let Some(dns) = dnsmasq(&THREE) else {
             return;
         };
         let d = discovery(dns.server(), Duration::from_secs(300));
@@ -663,7 +560,7 @@ mod tests {
             .get(SocketAddr::new(ip("127.0.0.2"), 8000))
             .unwrap();
         let started = Instant::now();
-        dns.rewrite(&["127.0.0.2", "127.0.0.4"]);
+        dns.rewrite(&for_name(&["127.0.0.2", "127.0.0.4"]));
         let want = vec![ip("127.0.0.2"), ip("127.0.0.4")];
         assert!(
             w.wait_for(Duration::from_secs(5), |s| ips(s) == want).await,
@@ -684,7 +581,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_last_good_answer_when_dns_stops_then_empties_after_grace() {
-        let Some(mut dns) = Dnsmasq::start(&THREE) else {
+        let Some(mut dns) = dnsmasq(&THREE) else {
             return;
         };
         let d = discovery(dns.server(), Duration::from_secs(3));
@@ -723,7 +620,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_last_handle_stops_the_task() {
-        let Some(dns) = Dnsmasq::start(&THREE) else {
+        let Some(dns) = dnsmasq(&THREE) else {
             return;
         };
         let d = discovery(dns.server(), Duration::from_secs(300));
@@ -749,7 +646,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_name_is_an_empty_set() {
-        let Some(dns) = Dnsmasq::start(&THREE) else {
+        let Some(dns) = dnsmasq(&THREE) else {
             return;
         };
         let d = discovery(dns.server(), Duration::from_secs(300));
@@ -764,7 +661,7 @@ mod tests {
 
     #[tokio::test]
     async fn removed_name_empties_after_the_negative_grace() {
-        let Some(dns) = Dnsmasq::start(&THREE) else {
+        let Some(dns) = dnsmasq(&THREE) else {
             return;
         };
         let config = DnsConfig {
@@ -778,7 +675,7 @@ mod tests {
         let w = d.watch(NAME, 8000).unwrap();
         assert!(w.wait_for(Duration::from_secs(5), |s| s.len() == 3).await);
         let removed = Instant::now();
-        dns.rewrite(&[]);
+        dns.rewrite(&for_name(&[]));
         // NXDOMAIN is an answer: kept through the short negative grace, then emptied.
         assert!(
             w.wait_for(Duration::from_secs(8), EndpointSet::is_empty)

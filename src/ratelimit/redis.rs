@@ -680,123 +680,7 @@ impl SharedReservation {
 mod tests {
     use super::*;
     use crate::ratelimit::{Clock, RateLimiter};
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-
-    /// A real `redis-server` on a free loopback port, killed on drop.
-    struct RedisServer {
-        binary: PathBuf,
-        port: u16,
-        child: Option<Child>,
-    }
-
-    impl RedisServer {
-        fn binary() -> Option<PathBuf> {
-            let path = std::env::var_os("PATH").unwrap_or_default();
-            std::env::split_paths(&path)
-                .chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"].map(PathBuf::from))
-                .map(|dir| dir.join("redis-server"))
-                .find(|candidate| candidate.is_file())
-        }
-
-        /// Starts one, or returns `None` (after a loud message) only when redis-server is missing
-        /// and `TOLLGATE_SKIP_REDIS=1`; a missing redis-server fails the test otherwise.
-        fn start() -> Option<Self> {
-            let Some(binary) = Self::binary() else {
-                if std::env::var("TOLLGATE_SKIP_REDIS").as_deref() == Ok("1") {
-                    eprintln!("\n!!!!!!!! redis-server not found: SKIPPING this Redis test (TOLLGATE_SKIP_REDIS=1) !!!!!!!!\n");
-                    return None;
-                }
-                panic!("redis-server not found on PATH or in /usr/bin: install it (apt-get install redis-server) or set TOLLGATE_SKIP_REDIS=1");
-            };
-            let mut server = Self {
-                binary,
-                port: free_port(),
-                child: None,
-            };
-            server.restart();
-            Some(server)
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        fn restart(&mut self) {
-            let port = self.port.to_string();
-            let child = Command::new(&self.binary)
-                .args([
-                    "--port",
-                    &port,
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args(["--daemonize", "no", "--loglevel", "warning"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            self.child = Some(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if ping(self.port) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            panic!("redis-server did not start on port {port}");
-        }
-
-        /// Freezes (`STOP`) or thaws (`CONT`) our own redis-server: a hung Redis that accepts
-        /// connections but never answers.
-        fn signal(&self, signal: &str) {
-            let pid = self
-                .child
-                .as_ref()
-                .map(Child::id)
-                .expect("running redis-server");
-            let status = Command::new("kill")
-                .args([format!("-{signal}"), pid.to_string()])
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill -{signal} {pid}");
-        }
-
-        fn kill(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            self.kill();
-        }
-    }
-
-    fn free_port() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-        listener.local_addr().expect("local address").port()
-    }
-
-    fn ping(port: u16) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut reply = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
-    }
+    use crate::test_support::redis::RedisServer;
 
     async fn direct(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
         Client::open(server.url())
@@ -840,7 +724,7 @@ mod tests {
     async fn three_replicas_share_one_limit() {
         // A2: three replicas (separate connections) hammering one client's bucket admit
         // burst + T × rpm / 60 in total, T measured on the Redis clock.
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start_or_skip() else {
             return;
         };
         let mut replicas = Vec::new();
@@ -902,7 +786,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refused_check_takes_from_no_bucket_and_keys_expire() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start_or_skip() else {
             return;
         };
         let redis = RedisLimiter::connect(patient(server.url()))
@@ -977,7 +861,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn falls_back_to_local_limits_while_redis_is_down() {
-        let Some(mut server) = RedisServer::start() else {
+        let Some(mut server) = RedisServer::start_or_skip() else {
             return;
         };
         let config = RedisConfig {
@@ -1031,7 +915,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hung_redis_costs_one_short_timeout_per_retry_interval() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start_or_skip() else {
             return;
         };
         let config = RedisConfig {
@@ -1087,7 +971,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn starts_without_redis_and_connects_later() {
-        let Some(mut server) = RedisServer::start() else {
+        let Some(mut server) = RedisServer::start_or_skip() else {
             return;
         };
         server.kill();
@@ -1127,7 +1011,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn token_reservations_settle_through_redis() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start_or_skip() else {
             return;
         };
         let redis = RedisLimiter::connect(patient(server.url()))
@@ -1218,7 +1102,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_reservations_through_redis_never_overrun() {
         // A3 across replicas: 50 concurrent reservations of 100 tokens against a 1000-token budget.
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start_or_skip() else {
             return;
         };
         let mut replicas = Vec::new();

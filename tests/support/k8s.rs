@@ -1,61 +1,38 @@
-//! The real control plane for the Kubernetes tests: etcd + kube-apiserver started once per test
-//! binary by `hack/controlplane.sh`, torn down by a watchdog when the test process exits (even
-//! on a panic or a kill). One namespace per test; the gateway runs in-process or as the binary.
-#![allow(dead_code)]
+//! The real control plane for the Kubernetes tests: etcd + kube-apiserver started by
+//! `hack/controlplane.sh`, torn down by a watchdog when the test process exits (even on a panic
+//! or a kill). Either one shared by the tests of a binary ([`shared`], one namespace per test) or
+//! one of a test's own ([`ControlPlane::exclusive`], stopped when dropped). The gateway runs
+//! in-process or as the binary.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+
+use super::process::{run_limited, run_ok};
+use super::{handler, respond, Backend};
 
 use tollgate::api::{AgentApiKey, AgentRoute};
 use tollgate::app::{self, Running, ServeOptions};
 use tollgate::discovery::DiscoveryMode;
 use tollgate::sources::kubernetes::KubeOptions;
 
-/// Runs a test body under a time bound, or fails saying so.
-pub async fn bounded<F: Future>(limit: Duration, fut: F) -> F::Output {
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or_else(|_| panic!("the test did not finish within {limit:?}"))
-}
-
-/// Polls `check` every 10 ms until it returns `Some`, or panics with `what` after `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {limit:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use super::bounded_for as bounded;
+#[allow(unused_imports)]
+pub use super::eventually;
+#[allow(unused_imports)]
+pub use super::ports::free_port;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -67,6 +44,52 @@ pub struct ControlPlane {
     pub env: HashMap<String, String>,
 }
 
+/// A control plane of one test's own ([`ControlPlane::exclusive`]): stopped (and its directory
+/// removed) when dropped, also on a panic.
+pub struct ExclusiveControlPlane {
+    cp: ControlPlane,
+    _one_at_a_time: OneAtATime,
+}
+
+impl std::ops::Deref for ExclusiveControlPlane {
+    type Target = ControlPlane;
+    fn deref(&self) -> &ControlPlane {
+        &self.cp
+    }
+}
+
+impl Drop for ExclusiveControlPlane {
+    fn drop(&mut self) {
+        self.cp.stop();
+        let _ = std::fs::remove_dir_all(&self.cp.dir);
+    }
+}
+
+/// One exclusive control plane at a time: each costs a core while it starts, and the machine
+/// has two. Held while one lives (a token, not a `MutexGuard`: the shared one is a `static`).
+struct OneAtATime;
+
+static BUSY: Mutex<bool> = Mutex::new(false);
+static FREED: Condvar = Condvar::new();
+
+impl OneAtATime {
+    fn acquire() -> OneAtATime {
+        let mut busy = BUSY.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy {
+            busy = FREED.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        *busy = true;
+        OneAtATime
+    }
+}
+
+impl Drop for OneAtATime {
+    fn drop(&mut self) {
+        *BUSY.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        FREED.notify_one();
+    }
+}
+
 static SHARED: OnceLock<ControlPlane> = OnceLock::new();
 
 /// The control plane shared by the tests of this binary (CRDs installed), started on first use.
@@ -75,6 +98,16 @@ pub fn shared() -> &'static ControlPlane {
 }
 
 impl ControlPlane {
+    /// A control plane of one test's own, without the CRDs (the test installs what it
+    /// installs), stopped when dropped, also on a panic; one at a time in a test binary.
+    pub fn exclusive(label: &str) -> ExclusiveControlPlane {
+        let one_at_a_time = OneAtATime::acquire();
+        ExclusiveControlPlane {
+            cp: ControlPlane::start(label, false),
+            _one_at_a_time: one_at_a_time,
+        }
+    }
+
     /// Starts a control plane (CRDs from `crds/` when `crds`). Blocking; a few seconds with the
     /// tools cached (`TOLLGATE_K8S_BIN`, else `hack/build-k8s-tools.sh` builds or finds them).
     pub fn start(label: &str, crds: bool) -> ControlPlane {
@@ -153,16 +186,21 @@ impl ControlPlane {
         client_for(&self.admin_kubeconfig()).await
     }
 
-    /// `kubectl --kubeconfig admin ARGS`; panics with kubectl's output on failure.
-    pub async fn kubectl(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new(self.var("KUBECTL"))
+    /// kubectl as cluster admin, run from the repository root.
+    pub fn kubectl_cmd(&self) -> Command {
+        let mut cmd = Command::new(self.var("KUBECTL"));
+        cmd.current_dir(repo())
             .arg("--kubeconfig")
             .arg(self.admin_kubeconfig())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .expect("run kubectl");
+            .arg("--request-timeout=30s")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `kubectl --kubeconfig admin ARGS`; panics with kubectl's output on failure.
+    pub async fn kubectl(&self, args: &[&str]) -> String {
+        let mut cmd = tokio::process::Command::from(self.kubectl_cmd());
+        let out = cmd.args(args).output().await.expect("run kubectl");
         assert!(
             out.status.success(),
             "kubectl {args:?} failed: {}",
@@ -171,14 +209,94 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// [`ControlPlane::kubectl`] for tests without a runtime (bounded to 120 s).
+    pub fn kubectl_blocking(&self, args: &[&str]) -> String {
+        let mut cmd = self.kubectl_cmd();
+        cmd.args(args);
+        run_ok(cmd, &format!("kubectl {}", args.join(" ")))
+    }
+
+    /// `kubectl ARGS -f FILE` with `yaml` written to a file first (blocking).
+    pub fn kubectl_stdin(&self, args: &[&str], yaml: &str) -> String {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let path = self.dir.join(format!(
+            "stdin-{}.yaml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, yaml).expect("writing manifest");
+        let mut cmd = self.kubectl_cmd();
+        cmd.args(args).arg("-f").arg(&path);
+        run_ok(
+            cmd,
+            &format!("kubectl {} -f <{} bytes>", args.join(" "), yaml.len()),
+        )
+    }
+
+    /// Waits until `kubectl ARGS` (e.g. `get ... -o jsonpath=...`) prints `want`, or panics
+    /// after `limit` with what it printed last (blocking).
+    pub fn wait_for(&self, args: &[&str], want: &str, limit: Duration) {
+        self.wait_until(args, limit, &format!("{want:?}"), |out| out.trim() == want);
+    }
+
+    /// Waits until `kubectl ARGS` succeeds printing something on stdout (blocking).
+    pub fn wait_for_nonempty(&self, args: &[&str], limit: Duration) {
+        self.wait_until(args, limit, "anything", |out| !out.trim().is_empty());
+    }
+
+    fn wait_until(&self, args: &[&str], limit: Duration, want: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let mut cmd = self.kubectl_cmd();
+            cmd.args(args);
+            let out = run_limited(cmd, Duration::from_secs(40), "kubectl");
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if out.status.success() && done(&String::from_utf8_lossy(&out.stdout)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "kubectl {} never printed {want}; last: {last}",
+            args.join(" ")
+        );
+    }
+
+    /// The admin kubeconfig (server and CA) with another user and context namespace, written
+    /// to `DIR/<name>.kubeconfig`: the one place kubeconfigs for tests are written.
+    fn kubeconfig_as(&self, name: &str, user: serde_yaml::Value, ns: Option<&str>) -> PathBuf {
+        let text = std::fs::read_to_string(self.admin_kubeconfig()).expect("read admin kubeconfig");
+        let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+        kc["users"][0]["user"] = user;
+        if let Some(ns) = ns {
+            kc["contexts"][0]["context"]["namespace"] = serde_yaml::Value::String(ns.to_string());
+        }
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, serde_yaml::to_string(&kc).expect("YAML")).expect("write kubeconfig");
+        path
+    }
+
     /// A kubeconfig that acts as `user` (admin impersonating it: RBAC applies to `user`).
     pub fn impersonating(&self, user: &str) -> PathBuf {
         let text = std::fs::read_to_string(self.admin_kubeconfig()).expect("read admin kubeconfig");
-        let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
-        kc["users"][0]["user"]["as"] = serde_yaml::Value::String(user.to_string());
-        let path = self.dir.join(format!("as-{user}.kubeconfig"));
-        std::fs::write(&path, serde_yaml::to_string(&kc).expect("YAML")).expect("write kubeconfig");
-        path
+        let kc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+        let mut admin = kc["users"][0]["user"].clone();
+        admin["as"] = serde_yaml::Value::String(user.to_string());
+        self.kubeconfig_as(&format!("as-{user}"), admin, None)
+    }
+
+    /// A kubeconfig that authenticates as ServiceAccount `namespace/sa` with a TokenRequest
+    /// token (1 h), its context in `namespace` (blocking).
+    pub fn service_account_kubeconfig(&self, namespace: &str, sa: &str) -> PathBuf {
+        let token =
+            self.kubectl_blocking(&["create", "token", sa, "-n", namespace, "--duration=1h"]);
+        let mut user = serde_yaml::Mapping::new();
+        user.insert("token".into(), token.trim().into());
+        self.kubeconfig_as(sa, user.into(), Some(namespace))
     }
 
     /// Kills kube-apiserver (etcd keeps running) and returns what restarts it on the same port.
@@ -333,20 +451,9 @@ pub async fn delete(client: &Client, kind: &str, ns: &str, name: &str) {
         .unwrap_or_else(|e| panic!("delete {kind} {ns}/{name}: {e}"));
 }
 
-pub fn route(ns: &str, name: &str, spec: Value) -> Value {
-    json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentRoute",
-           "metadata": {"name": name, "namespace": ns}, "spec": spec})
-}
-
-pub fn api_key(ns: &str, name: &str, spec: Value) -> Value {
-    json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "AgentApiKey",
-           "metadata": {"name": name, "namespace": ns}, "spec": spec})
-}
-
-pub fn secret(ns: &str, name: &str, type_: &str, string_data: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
-           "metadata": {"name": name, "namespace": ns}, "stringData": string_data})
-}
+/// The configuration documents of `support`, named as these tests call them.
+#[allow(unused_imports)]
+pub use super::{api_key_spec as api_key, route_in as route, secret};
 
 pub async fn route_status(client: &Client, ns: &str, name: &str) -> Option<Value> {
     let r = Api::<AgentRoute>::namespaced(client.clone(), ns)
@@ -438,50 +545,25 @@ pub async fn get(client: &reqwest::Client, url: &str, key: Option<&str>) -> (u16
 
 /// A real HTTP backend on 127.0.0.1:0 that answers 200 with its name (and echoes the client id
 /// the gateway sent in `x-seen-client-id`).
-pub struct Echo {
-    pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+pub struct Echo;
 
 impl Echo {
-    pub async fn start(name: &str) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let name = Bytes::from(name.to_string());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let name = name.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let name = name.clone();
-                        async move {
-                            let mut r = Response::new(Full::new(name.clone()));
-                            if let Some(c) = req.headers().get("x-client-id") {
-                                r.headers_mut().insert("x-seen-client-id", c.clone());
-                            }
-                            Ok::<_, Infallible>(r)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Echo { addr, task }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    pub async fn start(name: &str) -> Backend {
+        let label = Bytes::from(name.to_string());
+        Backend::spawn(
+            name,
+            handler(move |seen, _| {
+                let label = label.clone();
+                async move {
+                    let mut r = respond(http::StatusCode::OK, label);
+                    if let Some(c) = seen.headers.get("x-client-id") {
+                        r.headers_mut().insert("x-seen-client-id", c.clone());
+                    }
+                    r
+                }
+            }),
+        )
+        .await
     }
 }
 
@@ -492,14 +574,6 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.start_kill();
     }
-}
-
-/// A free loopback port (bound then released: fine for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Percentile (0..=100) of sorted samples, nearest rank.

@@ -3,7 +3,7 @@
 //! local request limiter with 100,000 active clients. Figures are printed by criterion; nothing
 //! here fails on a slow machine. Peak RSS of the compile: `bench/compile_rss.rs`.
 
-#[path = "../bench/store.rs"]
+#[path = "../store.rs"]
 mod store;
 
 use criterion::{criterion_group, criterion_main, Criterion};

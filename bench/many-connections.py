@@ -12,8 +12,8 @@ off: the allocator keeps freed pages, so RSS settles near a peak instead of fall
 
 Python 3.11 standard library only. Not part of `cargo test`:
 
-    cargo build --release && scripts/many-connections.py            # 10,000 connections
-    scripts/many-connections.py --connections 2000 --binary target/debug/tollgate
+    cargo build --release && bench/many-connections.py            # 10,000 connections
+    bench/many-connections.py --connections 2000 --binary target/debug/tollgate
 """
 
 from __future__ import annotations
