@@ -18,6 +18,8 @@ struct FileObjects {
     routes: Vec<AgentRoute>,
     keys: Vec<AgentApiKey>,
     secrets: Vec<Secret>,
+    /// The documents of the file that are not served, each with why.
+    refused: Vec<Problem>,
 }
 
 /// Loads configuration files, keeping each file's last good content.
@@ -27,7 +29,8 @@ pub struct FileSource {
     last_good: BTreeMap<PathBuf, FileObjects>,
 }
 
-/// A load: the store to compile and the file-level problems found.
+/// A load: the store to compile and the problems found reading the files: files that did not
+/// parse (their last good version serves) and single documents that were skipped.
 #[derive(Debug)]
 pub struct Loaded {
     pub store: Store,
@@ -92,7 +95,8 @@ impl FileSource {
     }
 
     /// Reads every file. A file that fails to parse keeps its previous content (if any) and is
-    /// reported; a file that disappeared is dropped.
+    /// reported; a file that disappeared is dropped; a document that is not served is reported
+    /// with its file and index while the file's other documents serve.
     pub fn load(&mut self) -> Loaded {
         let mut problems = Vec::new();
         let files = match self.files() {
@@ -110,7 +114,7 @@ impl FileSource {
         for path in files {
             match std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|t| parse(&t))
+                .and_then(|t| parse(&t, &path.display().to_string()))
             {
                 Ok(objs) => {
                     self.last_good.insert(path, objs);
@@ -124,6 +128,9 @@ impl FileSource {
                     problems.push(file_problem(&path, format!("{msg}{kept}")));
                 }
             }
+        }
+        for objs in self.last_good.values() {
+            problems.extend(objs.refused.iter().cloned());
         }
         Loaded {
             store: self.store(),
@@ -158,12 +165,13 @@ impl FileSource {
 }
 
 /// Parses the text of one configuration file into a `Store`, exactly as `standalone` reads each
-/// file (multi-document YAML of AgentRoute, AgentApiKey and Secret). For tools and fuzzing.
+/// file (multi-document YAML of AgentRoute, AgentApiKey and Secret): documents `standalone` would
+/// skip are left out. For tools and fuzzing.
 pub fn parse_str(text: &str) -> Result<Store, String> {
     let mut source = FileSource::new(PathBuf::new());
     source
         .last_good
-        .insert(PathBuf::from("<text>"), parse(text)?);
+        .insert(PathBuf::from("<text>"), parse(text, "<text>")?);
     Ok(source.store())
 }
 
@@ -174,7 +182,15 @@ fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Obj
     )
 }
 
-fn parse(text: &str) -> Result<FileObjects, String> {
+/// The one-line identity of a document in messages: `document 2 (AgentRoute default/chat)`.
+fn document_label(index: usize, kind: &str, namespace: &str, name: &str) -> String {
+    format!("document {} ({kind} {namespace}/{name})", index + 1)
+}
+
+/// Parses one file. A YAML syntax error fails the whole file (its documents cannot be told apart
+/// reliably after one); a document of a kind the gateway does not serve is skipped and reported
+/// in `refused`, and the file's other documents are kept.
+fn parse(text: &str, origin: &str) -> Result<FileObjects, String> {
     let mut out = FileObjects::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(doc)
@@ -182,23 +198,23 @@ fn parse(text: &str) -> Result<FileObjects, String> {
         if value.is_null() {
             continue;
         }
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_string();
-        let api = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_string();
-        let name = value
-            .get("metadata")
+        let text_at =
+            |v: Option<&serde_yaml::Value>| v.and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let kind = text_at(value.get("kind"));
+        let api = text_at(value.get("apiVersion"));
+        let metadata = value.get("metadata");
+        let name = metadata
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
             .unwrap_or("?")
             .to_string();
-        let ctx = |e: serde_yaml::Error| format!("document {} ({kind} {name}): {e}", i + 1);
+        let namespace = metadata
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_string();
+        let ctx =
+            |e: serde_yaml::Error| format!("{}: {e}", document_label(i, &kind, &namespace, &name));
         match (api.as_str(), kind.as_str()) {
             ("tollgate.dev/v1alpha1", "AgentRoute") => {
                 let mut r: AgentRoute = serde_yaml::from_value(value).map_err(ctx)?;
@@ -216,11 +232,19 @@ fn parse(text: &str) -> Result<FileObjects, String> {
                 out.secrets.push(s);
             }
             _ => {
-                return Err(format!(
-                    "document {}: unsupported kind {kind:?} (apiVersion {api:?}); expected \
-                     tollgate.dev/v1alpha1 AgentRoute or AgentApiKey, or v1 Secret",
-                    i + 1
-                ))
+                // Like an invalid object: this one document is not served, the rest of the
+                // file is.
+                let mut p = file_problem(
+                    Path::new(origin),
+                    format!(
+                        "document {} (apiVersion {api:?}, kind {kind:?}, {namespace}/{name}): \
+                         unsupported kind, skipped; expected tollgate.dev/v1alpha1 AgentRoute \
+                         or AgentApiKey, or v1 Secret",
+                        i + 1
+                    ),
+                );
+                p.reason = "UnsupportedKind".into();
+                out.refused.push(p);
             }
         }
     }
@@ -265,4 +289,70 @@ pub fn watch(
         }
     });
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTE: &str = "apiVersion: tollgate.dev/v1alpha1
+kind: AgentRoute
+metadata: {name: chat, namespace: agents}
+spec:
+  match: {pathPrefix: /chat}
+  backends: [{url: 'http://127.0.0.1:9000'}]
+";
+
+    const KEY: &str = "apiVersion: tollgate.dev/v1alpha1
+kind: AgentApiKey
+metadata: {name: mobile}
+spec: {clientId: mobile, keyHash: 'sha256:00'}
+";
+
+    /// Loads `text` as the one file of a fresh directory.
+    fn load_one(text: &str) -> (tempfile::TempDir, PathBuf, Loaded) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("routes.yaml");
+        std::fs::write(&file, text).expect("write routes.yaml");
+        let loaded = FileSource::new(dir.path()).load();
+        (dir, file, loaded)
+    }
+
+    #[test]
+    fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_the_file_serves() {
+        let text = format!(
+            "{ROUTE}---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: web}}\n---\n{KEY}"
+        );
+        let (_dir, file, loaded) = load_one(&text);
+        let routes: Vec<_> = loaded
+            .store
+            .routes
+            .iter()
+            .map(|r| key_of(&r.metadata))
+            .collect();
+        assert_eq!(routes, vec![ObjectKey::new("agents", "chat")]);
+        assert_eq!(loaded.store.keys.len(), 1, "the key after it is kept");
+        assert_eq!(loaded.problems.len(), 1, "{:#?}", loaded.problems);
+        let p = &loaded.problems[0];
+        assert_eq!(p.reason, "UnsupportedKind");
+        assert_eq!(p.origin.as_deref(), file.to_str());
+        let line = p.to_string();
+        for needle in [
+            "document 2",
+            "\"networking.k8s.io/v1\"",
+            "\"Ingress\"",
+            "default/web",
+        ] {
+            assert!(line.contains(needle), "{needle} in {line}");
+        }
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_still_fails_the_whole_file() {
+        let text = format!("{ROUTE}---\nkind: [unclosed\n");
+        let (_dir, _file, loaded) = load_one(&text);
+        assert!(loaded.store.routes.is_empty());
+        assert_eq!(loaded.problems.len(), 1, "{:#?}", loaded.problems);
+        assert_eq!(loaded.problems[0].reason, "ParseError");
+    }
 }
