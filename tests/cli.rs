@@ -1,5 +1,5 @@
-//! The `tollgate` binary as users run it: `check` on good and bad configuration, and `crdgen`
-//! against the checked-in `crds/tollgate.yaml`.
+//! The `tollgate` binary as users run it: `check` on good and bad configuration (unknown fields
+//! included), and `crdgen` against the checked-in `crds/tollgate.yaml`.
 
 mod support;
 
@@ -110,6 +110,44 @@ async fn check_lists_every_problem_with_its_file_and_field() {
         line_with(routes_file, &["AgentApiKey agents/mobile", "field spec.secretRef", "no-such-secret"]);
         line_with(broken_file, &["invalid YAML"]);
         assert!(text.contains("4 problem(s)"), "{text}");
+    })
+    .await;
+}
+
+/// Strict field validation, as `kubectl apply --validate=strict`: every field the gateway does
+/// not know is an error with its file, document and path; the rest of the file checks as usual.
+#[tokio::test]
+async fn check_refuses_unknown_fields_with_their_file_and_path() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let routes = dir.path().join("routes.yaml");
+        let docs = vec![
+            route_in(
+                "default",
+                "ok",
+                json!({"match": {"pathPrefix": "/ok"}, "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
+            route_in(
+                "default",
+                "chat",
+                json!({"match": {"pathPrefix": "/chat"}, "rateLimt": {"requestsPerMinute": 5},
+                       "backends": [{"url": "http://127.0.0.1:9000", "wieght": 3}]}),
+            ),
+        ];
+        std::fs::write(&routes, yaml(docs)).expect("write routes.yaml");
+
+        let out = tollgate(&["check", "--config", path_str(&routes)]).await;
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let file = path_str(&routes);
+        for field in ["spec.rateLimt", "spec.backends[0].wieght"] {
+            let line = format!(
+                "{file}: AgentRoute default/chat field {field}: unknown field in document 2; \
+                 the object is not served (UnknownField)"
+            );
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+        assert!(text.contains("2 problem(s)"), "{text}");
     })
     .await;
 }

@@ -180,3 +180,44 @@ async fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_its_file_serve
     })
     .await;
 }
+
+/// Standalone applies strict field validation: a route with a misspelt field is refused (not
+/// served with the field silently ignored) and reported with its path; the others serve.
+#[tokio::test]
+async fn a_route_with_an_unknown_field_is_refused_and_the_others_serve() {
+    bounded(async {
+        let api = Backend::echo("api").await;
+        let open = json!({"required": false});
+        let docs = vec![
+            route(
+                "api",
+                json!({"match": {"pathPrefix": "/api"}, "auth": open, "backends": [{"url": api.url()}]}),
+            ),
+            route(
+                "limited",
+                json!({"match": {"pathPrefix": "/limited"}, "auth": open,
+                       "rateLimt": {"requestsPerMinute": 1}, "backends": [{"url": api.url()}]}),
+            ),
+        ];
+        let gw = gateway_allowing_problems(yaml(docs), |_| {}).await;
+        assert_eq!(api_answer(&gw).await, "api");
+        assert_eq!(
+            gw.get("/limited/x").await.status(),
+            StatusCode::NOT_FOUND,
+            "the route with the unknown field is not served"
+        );
+        let debug = gw.debug_routes().await;
+        let problems: Vec<&Value> = debug["problems"]
+            .as_array()
+            .expect("problems array")
+            .iter()
+            .filter(|p| p["reason"] == "UnknownField")
+            .collect();
+        assert_eq!(problems.len(), 1, "{debug:#}");
+        assert_eq!(problems[0]["kind"], "AgentRoute");
+        assert_eq!(problems[0]["field"], "spec.rateLimt");
+        let origin = problems[0]["origin"].as_str().expect("origin");
+        assert!(origin.ends_with("config.yaml"), "{origin}");
+    })
+    .await;
+}
