@@ -1,7 +1,7 @@
 //! The `tollgate` binary: parses the command line, picks a mode, starts it. Nothing else.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,6 +35,8 @@ enum Command {
         #[command(flatten)]
         kube: KubeFlags,
         #[command(flatten)]
+        listeners: Listeners,
+        #[command(flatten)]
         common: Common,
     },
     /// The gateway fed from YAML files (AgentRoute, AgentApiKey, Secret); reloads on change.
@@ -42,6 +44,8 @@ enum Command {
         /// A YAML file or a directory of them.
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        listeners: Listeners,
         #[command(flatten)]
         common: Common,
     },
@@ -54,10 +58,13 @@ enum Command {
         gateway_class: String,
     },
     /// Standalone plus built-in demo agent services and example keys; prints curl lines to try.
+    /// Listens on 127.0.0.1 only (the demo keys are public) unless --bind says otherwise.
     Demo {
         /// Where the demo writes its configuration (default: a temporary directory).
         #[arg(long)]
         config_dir: Option<PathBuf>,
+        #[command(flatten)]
+        listeners: DemoListeners,
         #[command(flatten)]
         common: Common,
     },
@@ -65,9 +72,9 @@ enum Command {
     Crdgen,
 }
 
-/// Flags shared by the serving modes.
+/// The listeners of `run` and `standalone`.
 #[derive(Args, Clone)]
-struct Common {
+struct Listeners {
     /// Plain HTTP listener (HTTP/1.1 and h2c).
     #[arg(long, default_value = "0.0.0.0:8080", env = "TOLLGATE_LISTEN")]
     listen: SocketAddr,
@@ -77,6 +84,26 @@ struct Common {
     /// Admin listener: /metrics, /healthz, /readyz, /debug/routes.
     #[arg(long, default_value = "0.0.0.0:9090", env = "TOLLGATE_ADMIN_LISTEN")]
     admin_listen: SocketAddr,
+}
+
+/// The listeners of `demo`: loopback unless asked, since anyone who reaches it can use the
+/// printed demo keys. No environment variables, so an inherited TOLLGATE_LISTEN cannot open it.
+#[derive(Args, Clone)]
+struct DemoListeners {
+    /// Address of both demo listeners; `0.0.0.0` (or `::`) opens the demo to the network.
+    #[arg(long, default_value_t = tollgate::demo::DEFAULT_BIND)]
+    bind: IpAddr,
+    /// Port of the demo gateway (0: one the system picks).
+    #[arg(long, default_value_t = tollgate::demo::DEFAULT_PORT)]
+    port: u16,
+    /// Port of the demo admin listener: /metrics, /healthz, /readyz, /debug/routes.
+    #[arg(long, default_value_t = tollgate::demo::DEFAULT_ADMIN_PORT)]
+    admin_port: u16,
+}
+
+/// Flags shared by the serving modes.
+#[derive(Args, Clone)]
+struct Common {
     /// Serve only routes of this gatewayClass.
     #[arg(long, default_value = "tollgate", env = "TOLLGATE_GATEWAY_CLASS")]
     gateway_class: String,
@@ -211,16 +238,37 @@ fn parse_dur(s: &str) -> Result<Duration, String> {
     tollgate::api::parse_duration(s).map_err(|e| e.to_string())
 }
 
+impl Listeners {
+    fn serve_options(&self, common: &Common) -> Result<ServeOptions> {
+        common.serve_options(self.listen, self.tls_listen, self.admin_listen)
+    }
+}
+
+impl DemoListeners {
+    fn serve_options(&self, common: &Common) -> Result<ServeOptions> {
+        common.serve_options(
+            SocketAddr::new(self.bind, self.port),
+            None,
+            SocketAddr::new(self.bind, self.admin_port),
+        )
+    }
+}
+
 impl Common {
-    fn serve_options(&self) -> Result<ServeOptions> {
+    fn serve_options(
+        &self,
+        listen: SocketAddr,
+        tls_listen: Option<SocketAddr>,
+        admin_listen: SocketAddr,
+    ) -> Result<ServeOptions> {
         let ca_bundle = match &self.upstream_ca_file {
             Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
             None => None,
         };
         Ok(ServeOptions {
-            listen: self.listen,
-            tls_listen: self.tls_listen,
-            admin_listen: self.admin_listen,
+            listen,
+            tls_listen,
+            admin_listen,
             gateway_class: self.gateway_class.clone(),
             default_rpm: self.default_rpm,
             shutdown_grace: self.shutdown_grace,
@@ -297,19 +345,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// `0.0.0.0:9090` is printed as `127.0.0.1:9090` so printed commands work as they are.
-fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        }
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    }
-}
-
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
@@ -343,50 +378,25 @@ fn run() -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Demo { config_dir, common } => {
+        Command::Demo {
+            config_dir,
+            listeners,
+            common,
+        } => {
             let _log = logging::init(common.log_format);
-            let mut opts = common.serve_options()?;
-            opts.discovery = DiscoveryMode::Dns;
+            let opts = listeners.serve_options(&common)?;
             common.runtime()?.block_on(async move {
-                let services = tollgate::demo::spawn_demo_services(Default::default())
-                    .await
-                    .context("starting the demo services")?;
-                let dir = match config_dir {
-                    Some(d) => d,
-                    None => {
-                        std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()))
-                    }
-                };
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                let file = dir.join("demo.yaml");
-                std::fs::write(&file, tollgate::demo::demo_config_yaml(&services))
-                    .with_context(|| format!("writing {}", file.display()))?;
-                let running = app::start_standalone(file.clone(), &opts).await?;
-                println!(
-                    "\nTollgate demo is running: gateway http://{}, admin http://{} (config: {})\n",
-                    running.listen,
-                    running.admin_listen,
-                    file.display()
-                );
-                println!("{}", tollgate::demo::demo_curl_lines(running.listen));
-                let admin = loopback_if_unspecified(running.admin_listen);
-                println!("# Prometheus metrics and the compiled routes on the admin port:");
-                println!("curl -s http://{admin}/metrics | grep ^tollgate_");
-                println!("curl -s http://{admin}/debug/routes\n");
-                println!(
-                    "Edit {} and watch the gateway reload it. Ctrl-C stops.",
-                    file.display()
-                );
-                shutdown_signal().await;
-                running.shutdown().await;
-                services.shutdown().await;
+                tollgate::demo::run(config_dir, opts, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Run { kube, common } => {
+        Command::Run {
+            kube,
+            listeners,
+            common,
+        } => {
             let _log = logging::init(common.log_format);
-            let opts = common.serve_options()?;
+            let opts = listeners.serve_options(&common)?;
             let kube_opts = kube.options(&common.gateway_class);
             common.runtime()?.block_on(async move {
                 let running = app::start_kubernetes(&opts, &kube_opts).await?;
@@ -400,9 +410,13 @@ fn run() -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Standalone { config, common } => {
+        Command::Standalone {
+            config,
+            listeners,
+            common,
+        } => {
             let _log = logging::init(common.log_format);
-            let mut opts = common.serve_options()?;
+            let mut opts = listeners.serve_options(&common)?;
             opts.discovery = DiscoveryMode::Dns;
             common.runtime()?.block_on(async move {
                 let running = app::start_standalone(config, &opts).await?;

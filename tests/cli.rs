@@ -1,8 +1,9 @@
-//! The `tollgate` binary as users run it: `check` on good and bad configuration, and `crdgen`
-//! against the checked-in `crds/tollgate.yaml`.
+//! The `tollgate` binary as users run it: `check` on good and bad configuration (unknown fields
+//! included), `demo`'s listeners, and `crdgen` against the checked-in `crds/tollgate.yaml`.
 
 mod support;
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
@@ -110,6 +111,153 @@ async fn check_lists_every_problem_with_its_file_and_field() {
         line_with(routes_file, &["AgentApiKey agents/mobile", "field spec.secretRef", "no-such-secret"]);
         line_with(broken_file, &["invalid YAML"]);
         assert!(text.contains("4 problem(s)"), "{text}");
+    })
+    .await;
+}
+
+/// Strict field validation, as `kubectl apply --validate=strict`: every field the gateway does
+/// not know is an error with its file, document and path; the rest of the file checks as usual.
+#[tokio::test]
+async fn check_refuses_unknown_fields_with_their_file_and_path() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let routes = dir.path().join("routes.yaml");
+        let docs = vec![
+            route_in(
+                "default",
+                "ok",
+                json!({"match": {"pathPrefix": "/ok"}, "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
+            route_in(
+                "default",
+                "chat",
+                json!({"match": {"pathPrefix": "/chat"}, "rateLimt": {"requestsPerMinute": 5},
+                       "backends": [{"url": "http://127.0.0.1:9000", "wieght": 3}]}),
+            ),
+        ];
+        std::fs::write(&routes, yaml(docs)).expect("write routes.yaml");
+
+        let out = tollgate(&["check", "--config", path_str(&routes)]).await;
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let file = path_str(&routes);
+        for field in ["spec.rateLimt", "spec.backends[0].wieght"] {
+            let line = format!(
+                "{file}: AgentRoute default/chat field {field}: unknown field in document 2; \
+                 the object is not served (UnknownField)"
+            );
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+        assert!(text.contains("2 problem(s)"), "{text}");
+    })
+    .await;
+}
+
+/// Starts `tollgate demo` with `args` and returns it with the gateway and admin addresses of its
+/// "Tollgate demo is running" line. Killed when dropped.
+async fn start_demo(args: &[&str]) -> (tokio::process::Child, SocketAddr, SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("demo")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tollgate demo");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(line) = lines.next_line().await.expect("read the demo's output") {
+            if line.starts_with("Tollgate demo is running") {
+                return line;
+            }
+        }
+        panic!("tollgate demo {args:?} ended without saying it runs");
+    })
+    .await
+    .expect("the demo starts within 15 s");
+    // Keep draining its output so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addr_after = |label: &str| -> SocketAddr {
+        let rest = &line[line
+            .find(label)
+            .unwrap_or_else(|| panic!("{label} in {line}"))
+            + label.len()..];
+        let end = rest.find([',', ' ']).unwrap_or(rest.len());
+        rest[..end]
+            .parse()
+            .unwrap_or_else(|e| panic!("address in {line}: {e}"))
+    };
+    let gateway = addr_after("gateway http://");
+    let admin = addr_after("admin http://");
+    (child, gateway, admin)
+}
+
+/// A local address of this machine other than 127.0.0.1 (the one its default route would use,
+/// found without sending anything; else 127.0.0.2, which a socket bound to 127.0.0.1 does not
+/// accept either). A listener on 0.0.0.0 accepts connections to it.
+fn other_local_ip() -> IpAddr {
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("203.0.113.1:9").and_then(|()| s.local_addr()))
+        .map(|a| a.ip());
+    match routed {
+        Ok(ip) if !ip.is_loopback() && !ip.is_unspecified() => ip,
+        _ => IpAddr::from([127, 0, 0, 2]),
+    }
+}
+
+async fn connects(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// The demo prints well-known keys: by default it must not be reachable from the network.
+#[tokio::test]
+async fn demo_listens_on_loopback_only_unless_bind_says_otherwise() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config_dir = path_str(dir.path());
+        let (_demo, gateway, admin) = start_demo(&[
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--config-dir",
+            config_dir,
+        ])
+        .await;
+        let other = other_local_ip();
+        for addr in [gateway, admin] {
+            assert_eq!(addr.ip(), IpAddr::from([127, 0, 0, 1]), "{addr}");
+            assert!(connects(addr).await, "the demo answers on {addr}");
+            let outside = SocketAddr::new(other, addr.port());
+            assert!(
+                !connects(outside).await,
+                "the demo must not be reachable on {outside}"
+            );
+        }
+        // --bind chooses the address (here the IPv6 loopback, so the test opens nothing).
+        let (_demo6, gateway6, admin6) = start_demo(&[
+            "--bind",
+            "::1",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--config-dir",
+            config_dir,
+        ])
+        .await;
+        for addr in [gateway6, admin6] {
+            assert_eq!(
+                addr.ip(),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                "{addr}"
+            );
+            assert!(connects(addr).await, "the demo answers on {addr}");
+        }
     })
     .await;
 }

@@ -1,6 +1,7 @@
 //! Reloading the standalone configuration: a changed file takes effect for new requests while an
 //! open stream finishes on the snapshot it started with, and a broken file keeps the last good
-//! routes serving and is reported on the admin port.
+//! routes serving and is reported on the admin port; a document the gateway does not serve is
+//! skipped on its own.
 
 mod support;
 
@@ -137,6 +138,86 @@ async fn a_reload_spares_open_streams_and_a_broken_file_spares_the_routes() {
             },
         )
         .await;
+    })
+    .await;
+}
+
+/// A first start on a file whose second document is of a kind the gateway does not know: the
+/// routes around it serve and that one document is reported with its file and index.
+#[tokio::test]
+async fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_its_file_serves() {
+    bounded(async {
+        let api = Backend::echo("api").await;
+        let open = json!({"required": false});
+        let ingress = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                             "metadata": {"name": "web"}, "spec": {}});
+        let after = route(
+            "after",
+            json!({"match": {"pathPrefix": "/after"}, "auth": open, "backends": [{"url": api.url()}]}),
+        );
+        let docs = vec![
+            route(
+                "api",
+                json!({"match": {"pathPrefix": "/api"}, "auth": open, "backends": [{"url": api.url()}]}),
+            ),
+            ingress,
+            after,
+        ];
+        let gw = gateway_allowing_problems(yaml(docs), |_| {}).await;
+        assert_eq!(api_answer(&gw).await, "api");
+        assert_eq!(gw.get("/after/x").await.status(), StatusCode::OK);
+
+        let problems = file_problems(&gw.debug_routes().await);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems[0]["reason"], "UnsupportedKind");
+        let origin = problems[0]["origin"].as_str().expect("origin");
+        assert!(origin.ends_with("config.yaml"), "{origin}");
+        let message = problems[0]["message"].as_str().expect("message");
+        assert!(
+            message.contains("document 2") && message.contains("Ingress"),
+            "{message}"
+        );
+    })
+    .await;
+}
+
+/// Standalone applies strict field validation: a route with a misspelt field is refused (not
+/// served with the field silently ignored) and reported with its path; the others serve.
+#[tokio::test]
+async fn a_route_with_an_unknown_field_is_refused_and_the_others_serve() {
+    bounded(async {
+        let api = Backend::echo("api").await;
+        let open = json!({"required": false});
+        let docs = vec![
+            route(
+                "api",
+                json!({"match": {"pathPrefix": "/api"}, "auth": open, "backends": [{"url": api.url()}]}),
+            ),
+            route(
+                "limited",
+                json!({"match": {"pathPrefix": "/limited"}, "auth": open,
+                       "rateLimt": {"requestsPerMinute": 1}, "backends": [{"url": api.url()}]}),
+            ),
+        ];
+        let gw = gateway_allowing_problems(yaml(docs), |_| {}).await;
+        assert_eq!(api_answer(&gw).await, "api");
+        assert_eq!(
+            gw.get("/limited/x").await.status(),
+            StatusCode::NOT_FOUND,
+            "the route with the unknown field is not served"
+        );
+        let debug = gw.debug_routes().await;
+        let problems: Vec<&Value> = debug["problems"]
+            .as_array()
+            .expect("problems array")
+            .iter()
+            .filter(|p| p["reason"] == "UnknownField")
+            .collect();
+        assert_eq!(problems.len(), 1, "{debug:#}");
+        assert_eq!(problems[0]["kind"], "AgentRoute");
+        assert_eq!(problems[0]["field"], "spec.rateLimt");
+        let origin = problems[0]["origin"].as_str().expect("origin");
+        assert!(origin.ends_with("config.yaml"), "{origin}");
     })
     .await;
 }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Why a certificate could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -25,15 +27,17 @@ pub enum CertError {
 
 /// Parses a PEM chain and key into a rustls `CertifiedKey`.
 pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, CertError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| CertError::Pem(e.to_string()))?;
     if certs.is_empty() {
         return Err(CertError::NoCertificate);
     }
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| CertError::Pem(e.to_string()))?
-        .ok_or(CertError::NoKey)?;
+    let key = match PrivateKeyDer::from_pem_slice(key_pem) {
+        Ok(key) => key,
+        Err(pem::Error::NoItemsFound) => return Err(CertError::NoKey),
+        Err(e) => return Err(CertError::Pem(e.to_string())),
+    };
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| CertError::Key(e.to_string()))?;
     Ok(Arc::new(CertifiedKey::new(certs, signer)))
@@ -103,5 +107,38 @@ impl CertStore {
 
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.wildcard.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The PEM forms the gateway reads (certificate chain, PKCS#8 key) and the three ways a
+    /// Secret can be wrong, each its own error.
+    #[test]
+    fn certified_key_reads_pem_and_names_what_is_missing() {
+        let ck = rcgen::generate_simple_self_signed(vec!["api.example.com".to_string()])
+            .expect("rcgen makes a certificate");
+        let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+        let parsed = certified_key(cert.as_bytes(), key.as_bytes()).expect("a valid pair");
+        assert_eq!(parsed.cert.len(), 1);
+        assert_eq!(parsed.cert[0].as_ref(), ck.cert.der().as_ref());
+
+        let no_key = certified_key(cert.as_bytes(), cert.as_bytes());
+        assert!(
+            matches!(no_key, Err(CertError::NoKey)),
+            "{:?}",
+            no_key.err()
+        );
+        let no_cert = certified_key(key.as_bytes(), key.as_bytes());
+        assert!(
+            matches!(no_cert, Err(CertError::NoCertificate)),
+            "{:?}",
+            no_cert.err()
+        );
+        let garbage = "-----BEGIN CERTIFICATE-----\n!!!not base64!!!\n-----END CERTIFICATE-----\n";
+        let bad = certified_key(garbage.as_bytes(), key.as_bytes());
+        assert!(matches!(bad, Err(CertError::Pem(_))), "{:?}", bad.err());
     }
 }

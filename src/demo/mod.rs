@@ -1,13 +1,16 @@
 //! `tollgate demo`: built-in agent services plus the routes and keys that put the gateway in front.
-//! [`spawn_demo_services`] runs the backends; [`demo_config_yaml`] and [`demo_curl_lines`] wire them up.
+//! [`spawn_demo_services`] runs the backends; [`demo_config_yaml`] and [`demo_curl_lines`] wire them up;
+//! [`run`] is the whole command (on 127.0.0.1 unless told otherwise: the demo keys are public).
 #![forbid(unsafe_code)]
 
+mod run;
 mod services;
 
+pub use run::{run, DemoError, DEFAULT_ADMIN_PORT, DEFAULT_BIND, DEFAULT_PORT};
 pub use services::{spawn_demo_services, DemoOptions, DemoServices};
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use sha2::{Digest, Sha256};
 
@@ -180,16 +183,12 @@ spec:
 /// Curl commands (with a `#` line saying what each shows) that work as printed against a
 /// gateway listening on `listen`; an unspecified address is reached through loopback.
 pub fn demo_curl_lines(listen: SocketAddr) -> String {
-    let ip = match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    let base = format!("http://{}", SocketAddr::new(ip, listen.port()));
+    let reach = run::loopback_if_unspecified(listen);
+    let base = format!("http://{reach}");
     let user = format!("-H 'X-API-Key: {DEMO_USER_KEY}'");
     let admin = format!("-H 'X-API-Key: {DEMO_ADMIN_KEY}'");
     let json = "-H 'content-type: application/json'";
-    let ws_url = format!("ws://{}", SocketAddr::new(ip, listen.port()));
+    let ws_url = format!("ws://{reach}");
     format!(
         "# Chat: an OpenAI-style completion; \"gateway\" shows what Tollgate added (X-Client-Id, X-Request-Id, traceparent)
 curl -s {base}/api/v1/chat {user} {json} -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello gateway\"}}],\"max_tokens\":64}}'

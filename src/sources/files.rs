@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::api::{AgentApiKey, AgentRoute};
@@ -18,6 +19,8 @@ struct FileObjects {
     routes: Vec<AgentRoute>,
     keys: Vec<AgentApiKey>,
     secrets: Vec<Secret>,
+    /// The documents of the file that are not served, each with why.
+    refused: Vec<Problem>,
 }
 
 /// Loads configuration files, keeping each file's last good content.
@@ -27,7 +30,8 @@ pub struct FileSource {
     last_good: BTreeMap<PathBuf, FileObjects>,
 }
 
-/// A load: the store to compile and the file-level problems found.
+/// A load: the store to compile and the problems found reading the files: files that did not
+/// parse (their last good version serves) and single documents that were skipped.
 #[derive(Debug)]
 pub struct Loaded {
     pub store: Store,
@@ -92,7 +96,8 @@ impl FileSource {
     }
 
     /// Reads every file. A file that fails to parse keeps its previous content (if any) and is
-    /// reported; a file that disappeared is dropped.
+    /// reported; a file that disappeared is dropped; a document that is not served is reported
+    /// with its file and index while the file's other documents serve.
     pub fn load(&mut self) -> Loaded {
         let mut problems = Vec::new();
         let files = match self.files() {
@@ -110,7 +115,7 @@ impl FileSource {
         for path in files {
             match std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|t| parse(&t))
+                .and_then(|t| parse(&t, &path.display().to_string()))
             {
                 Ok(objs) => {
                     self.last_good.insert(path, objs);
@@ -124,6 +129,9 @@ impl FileSource {
                     problems.push(file_problem(&path, format!("{msg}{kept}")));
                 }
             }
+        }
+        for objs in self.last_good.values() {
+            problems.extend(objs.refused.iter().cloned());
         }
         Loaded {
             store: self.store(),
@@ -158,12 +166,13 @@ impl FileSource {
 }
 
 /// Parses the text of one configuration file into a `Store`, exactly as `standalone` reads each
-/// file (multi-document YAML of AgentRoute, AgentApiKey and Secret). For tools and fuzzing.
+/// file (multi-document YAML of AgentRoute, AgentApiKey and Secret): documents `standalone` would
+/// skip are left out. For tools and fuzzing.
 pub fn parse_str(text: &str) -> Result<Store, String> {
     let mut source = FileSource::new(PathBuf::new());
     source
         .last_good
-        .insert(PathBuf::from("<text>"), parse(text)?);
+        .insert(PathBuf::from("<text>"), parse(text, "<text>")?);
     Ok(source.store())
 }
 
@@ -174,7 +183,95 @@ fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Obj
     )
 }
 
-fn parse(text: &str) -> Result<FileObjects, String> {
+/// One document of a file, for its problems.
+struct Document<'a> {
+    origin: &'a str,
+    /// 0-based; messages count from 1.
+    index: usize,
+    kind: &'a str,
+    key: ObjectKey,
+}
+
+impl Document<'_> {
+    /// Deserializes the document as strictly as the API server's strict field validation
+    /// (`kubectl apply --validate=strict`): a field the type does not know, like a wrong type or
+    /// a missing field, refuses the object. Each problem goes to `refused`; `None` means the
+    /// object is not served.
+    fn strict<T: DeserializeOwned>(
+        &self,
+        value: serde_yaml::Value,
+        refused: &mut Vec<Problem>,
+    ) -> Option<T> {
+        let mut unknown = Vec::new();
+        let parsed = serde_ignored::deserialize(value, |path| {
+            let field = json_path(&path);
+            // The custom resources' generated types take these two as given (the caller has
+            // matched them already) and skip them.
+            if field != "apiVersion" && field != "kind" {
+                unknown.push(field);
+            }
+        });
+        let n = self.index + 1;
+        match parsed {
+            Ok(object) if unknown.is_empty() => Some(object),
+            Ok(_) => {
+                for field in unknown {
+                    refused.push(self.problem(
+                        field,
+                        "UnknownField",
+                        format!("unknown field in document {n}; the object is not served"),
+                    ));
+                }
+                None
+            }
+            Err(e) => {
+                refused.push(self.problem(
+                    String::new(),
+                    "InvalidObject",
+                    format!("document {n}: {e}; the object is not served"),
+                ));
+                None
+            }
+        }
+    }
+
+    fn problem(&self, field: String, reason: &str, message: String) -> Problem {
+        Problem {
+            kind: self.kind.to_string(),
+            object: self.key.clone(),
+            field,
+            reason: reason.into(),
+            message,
+            origin: Some(self.origin.to_string()),
+        }
+    }
+}
+
+/// A path of `serde_ignored` as `Problem::field` writes paths: `spec.backends[1].weigth`.
+fn json_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", json_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = json_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => json_path(parent),
+    }
+}
+
+/// Parses one file. A YAML syntax error fails the whole file (its documents cannot be told apart
+/// reliably after one); a document of a kind the gateway does not serve is skipped and reported
+/// in `refused`, and so is a document that does not deserialize strictly (unknown fields, wrong
+/// types); the file's other documents are kept.
+fn parse(text: &str, origin: &str) -> Result<FileObjects, String> {
     let mut out = FileObjects::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(doc)
@@ -182,45 +279,60 @@ fn parse(text: &str) -> Result<FileObjects, String> {
         if value.is_null() {
             continue;
         }
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_string();
-        let api = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_string();
-        let name = value
-            .get("metadata")
+        let text_at =
+            |v: Option<&serde_yaml::Value>| v.and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let kind = text_at(value.get("kind"));
+        let api = text_at(value.get("apiVersion"));
+        let metadata = value.get("metadata");
+        let name = metadata
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
             .unwrap_or("?")
             .to_string();
-        let ctx = |e: serde_yaml::Error| format!("document {} ({kind} {name}): {e}", i + 1);
+        let namespace = metadata
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_string();
+        let doc = Document {
+            origin,
+            index: i,
+            kind: &kind,
+            key: ObjectKey::new(&namespace, &name),
+        };
         match (api.as_str(), kind.as_str()) {
             ("tollgate.dev/v1alpha1", "AgentRoute") => {
-                let mut r: AgentRoute = serde_yaml::from_value(value).map_err(ctx)?;
-                r.metadata.namespace.get_or_insert_with(|| "default".into());
-                out.routes.push(r);
+                if let Some(mut r) = doc.strict::<AgentRoute>(value, &mut out.refused) {
+                    r.metadata.namespace.get_or_insert_with(|| "default".into());
+                    out.routes.push(r);
+                }
             }
             ("tollgate.dev/v1alpha1", "AgentApiKey") => {
-                let mut k: AgentApiKey = serde_yaml::from_value(value).map_err(ctx)?;
-                k.metadata.namespace.get_or_insert_with(|| "default".into());
-                out.keys.push(k);
+                if let Some(mut k) = doc.strict::<AgentApiKey>(value, &mut out.refused) {
+                    k.metadata.namespace.get_or_insert_with(|| "default".into());
+                    out.keys.push(k);
+                }
             }
             ("v1", "Secret") => {
-                let mut s: Secret = serde_yaml::from_value(value).map_err(ctx)?;
-                s.metadata.namespace.get_or_insert_with(|| "default".into());
-                out.secrets.push(s);
+                if let Some(mut s) = doc.strict::<Secret>(value, &mut out.refused) {
+                    s.metadata.namespace.get_or_insert_with(|| "default".into());
+                    out.secrets.push(s);
+                }
             }
             _ => {
-                return Err(format!(
-                    "document {}: unsupported kind {kind:?} (apiVersion {api:?}); expected \
-                     tollgate.dev/v1alpha1 AgentRoute or AgentApiKey, or v1 Secret",
-                    i + 1
-                ))
+                // Like an invalid object: this one document is not served, the rest of the
+                // file is.
+                let mut p = file_problem(
+                    Path::new(origin),
+                    format!(
+                        "document {} (apiVersion {api:?}, kind {kind:?}, {namespace}/{name}): \
+                         unsupported kind, skipped; expected tollgate.dev/v1alpha1 AgentRoute \
+                         or AgentApiKey, or v1 Secret",
+                        i + 1
+                    ),
+                );
+                p.reason = "UnsupportedKind".into();
+                out.refused.push(p);
             }
         }
     }
@@ -265,4 +377,164 @@ pub fn watch(
         }
     });
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTE: &str = "apiVersion: tollgate.dev/v1alpha1
+kind: AgentRoute
+metadata: {name: chat, namespace: agents}
+spec:
+  match: {pathPrefix: /chat}
+  backends: [{url: 'http://127.0.0.1:9000'}]
+";
+
+    const KEY: &str = "apiVersion: tollgate.dev/v1alpha1
+kind: AgentApiKey
+metadata: {name: mobile}
+spec: {clientId: mobile, keyHash: 'sha256:00'}
+";
+
+    /// Loads `text` as the one file of a fresh directory.
+    fn load_one(text: &str) -> (tempfile::TempDir, PathBuf, Loaded) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("routes.yaml");
+        std::fs::write(&file, text).expect("write routes.yaml");
+        let loaded = FileSource::new(dir.path()).load();
+        (dir, file, loaded)
+    }
+
+    #[test]
+    fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_the_file_serves() {
+        let text = format!(
+            "{ROUTE}---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: web}}\n---\n{KEY}"
+        );
+        let (_dir, file, loaded) = load_one(&text);
+        let routes: Vec<_> = loaded
+            .store
+            .routes
+            .iter()
+            .map(|r| key_of(&r.metadata))
+            .collect();
+        assert_eq!(routes, vec![ObjectKey::new("agents", "chat")]);
+        assert_eq!(loaded.store.keys.len(), 1, "the key after it is kept");
+        assert_eq!(loaded.problems.len(), 1, "{:#?}", loaded.problems);
+        let p = &loaded.problems[0];
+        assert_eq!(p.reason, "UnsupportedKind");
+        assert_eq!(p.origin.as_deref(), file.to_str());
+        let line = p.to_string();
+        for needle in [
+            "document 2",
+            "\"networking.k8s.io/v1\"",
+            "\"Ingress\"",
+            "default/web",
+        ] {
+            assert!(line.contains(needle), "{needle} in {line}");
+        }
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_still_fails_the_whole_file() {
+        let text = format!("{ROUTE}---\nkind: [unclosed\n");
+        let (_dir, _file, loaded) = load_one(&text);
+        assert!(loaded.store.routes.is_empty());
+        assert_eq!(loaded.problems.len(), 1, "{:#?}", loaded.problems);
+        assert_eq!(loaded.problems[0].reason, "ParseError");
+    }
+    #[test]
+    fn every_unknown_field_is_reported_with_its_path_and_refuses_its_object() {
+        let typo = "apiVersion: tollgate.dev/v1alpha1
+kind: AgentRoute
+metadata: {name: typo, namespace: agents, labelz: {a: b}}
+spec:
+  match: {pathPrefix: /typo}
+  rateLimt: {requestsPerMinute: 5}
+  backends: [{url: 'http://127.0.0.1:9000'}, {url: 'http://127.0.0.1:9001', weigth: 2}]
+";
+        let secret = "apiVersion: v1
+kind: Secret
+metadata: {name: s}
+stringDta: {api-key: x}
+";
+        let text = format!("{ROUTE}---\n{typo}---\n{KEY}---\n{secret}");
+        let (_dir, file, loaded) = load_one(&text);
+        // The objects without unknown fields serve; the two with them do not.
+        let routes: Vec<_> = loaded
+            .store
+            .routes
+            .iter()
+            .map(|r| key_of(&r.metadata))
+            .collect();
+        assert_eq!(routes, vec![ObjectKey::new("agents", "chat")]);
+        assert_eq!(loaded.store.keys.len(), 1);
+        assert!(loaded.store.secrets.is_empty());
+        let found: Vec<_> = loaded
+            .problems
+            .iter()
+            .map(|p| {
+                (
+                    p.kind.as_str(),
+                    p.object.to_string(),
+                    p.field.as_str(),
+                    p.reason.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "AgentRoute",
+                    "agents/typo".to_string(),
+                    "metadata.labelz",
+                    "UnknownField"
+                ),
+                (
+                    "AgentRoute",
+                    "agents/typo".to_string(),
+                    "spec.rateLimt",
+                    "UnknownField"
+                ),
+                (
+                    "AgentRoute",
+                    "agents/typo".to_string(),
+                    "spec.backends[1].weigth",
+                    "UnknownField"
+                ),
+                (
+                    "Secret",
+                    "default/s".to_string(),
+                    "stringDta",
+                    "UnknownField"
+                ),
+            ]
+        );
+        let line = loaded.problems[1].to_string();
+        let origin = file.display().to_string();
+        assert_eq!(
+            line,
+            format!("{origin}: AgentRoute agents/typo field spec.rateLimt: unknown field in document 2; the object is not served (UnknownField)")
+        );
+    }
+
+    #[test]
+    fn a_document_of_the_wrong_shape_is_refused_alone() {
+        let bad = "apiVersion: tollgate.dev/v1alpha1
+kind: AgentApiKey
+metadata: {name: bad}
+spec: {clientId: [not, a, string]}
+";
+        let (_dir, _file, loaded) = load_one(&format!("{bad}---\n{ROUTE}"));
+        assert_eq!(loaded.store.routes.len(), 1, "{:#?}", loaded.problems);
+        assert!(loaded.store.keys.is_empty());
+        assert_eq!(loaded.problems.len(), 1, "{:#?}", loaded.problems);
+        let p = &loaded.problems[0];
+        assert_eq!(
+            (p.kind.as_str(), p.reason.as_str()),
+            ("AgentApiKey", "InvalidObject")
+        );
+        assert!(p.message.starts_with("document 1: "), "{}", p.message);
+    }
 }
