@@ -13,7 +13,8 @@ use super::table::{Entry, RouteTable};
 use super::tls::{certified_key, CertStore};
 use super::{ObjectKey, ObjectReport, Problem, Snapshot, Store};
 use crate::api::{
-    parse_duration, AgentApiKey, AgentRoute, Condition, RetryOn, Sticky, DEFAULT_GATEWAY_CLASS,
+    parse_duration, AgentApiKey, AgentRoute, AgentRouteSpec, Condition, Cors, RetryOn, Sticky,
+    DEFAULT_GATEWAY_CLASS,
 };
 use crate::auth::keys::{self, KeyEntry, KeyLimits, KeyStore};
 
@@ -369,6 +370,25 @@ fn duration_field(
     }
 }
 
+/// Where the sections of one route report their problems.
+struct RouteProblems<'p, 's> {
+    key: &'p ObjectKey,
+    problems: &'p mut Problems<'s>,
+}
+
+impl RouteProblems<'_, '_> {
+    fn invalid(&mut self, field: &str, message: String) {
+        self.problems
+            .push("AgentRoute", self.key, field, "Invalid", message);
+    }
+
+    fn duration(&mut self, value: &Option<String>, field: &str) -> Option<std::time::Duration> {
+        duration_field(value, field, self.key, self.problems)
+    }
+}
+
+/// One route, section by section in the order of its spec. Every section reports its own
+/// problems; the route is served only if none of them found one.
 fn compile_route<'a>(
     route: &'a AgentRoute,
     key: &ObjectKey,
@@ -377,295 +397,26 @@ fn compile_route<'a>(
     strings: &mut Interner<'a>,
 ) -> Option<CompiledRoute> {
     let spec = &route.spec;
-    let mut bad = |field: &str, message: String| {
-        problems.push("AgentRoute", key, field, "Invalid", message);
-    };
+    let mut out = RouteProblems { key, problems };
     if key.name.is_empty() {
-        bad("metadata.name", "is required".into());
+        out.invalid("metadata.name", "is required".into());
     }
-
-    let prefix = match normalize_prefix(&spec.match_.path_prefix) {
-        Ok(p) => p,
-        Err(e) => {
-            bad("spec.match.pathPrefix", e);
-            String::new()
-        }
-    };
-    let mut hosts = Vec::new();
-    for (i, h) in spec.hosts.iter().enumerate() {
-        if valid_host(h) {
-            hosts.push(HostPattern::parse(h));
-        } else {
-            bad(
-                &format!("spec.hosts[{i}]"),
-                format!("{h:?} is not a lower-case DNS name or *.name"),
-            );
-        }
-    }
-    if hosts.is_empty() {
-        hosts.push(HostPattern::Any);
-    }
-    hosts.dedup();
-
-    let mut methods = Vec::new();
-    for (i, m) in spec.match_.methods.iter().enumerate() {
-        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-            bad(
-                &format!("spec.match.methods[{i}]"),
-                format!("{m:?} is not an upper-case method"),
-            );
-        } else if !methods.contains(m) {
-            methods.push(m.clone());
-        }
-    }
-    let allow = if methods.is_empty() {
-        None
-    } else {
-        HeaderValue::from_str(&methods.join(", ")).ok()
-    };
-
-    let mut headers = Vec::new();
-    for (i, h) in spec.match_.headers.iter().enumerate() {
-        match (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_str(&h.value),
-        ) {
-            (Ok(n), Ok(v)) => headers.push((n, v)),
-            _ => bad(
-                &format!("spec.match.headers[{i}]"),
-                "invalid header name or value".into(),
-            ),
-        }
-    }
-    headers.sort_by(|a, b| {
-        a.0.as_str()
-            .cmp(b.0.as_str())
-            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-    });
-    let body_field = spec.match_.body_field.as_ref().and_then(|b| {
-        if b.name.is_empty() || b.values.is_empty() {
-            bad(
-                "spec.match.bodyField",
-                "needs a name and at least one value".into(),
-            );
-            None
-        } else {
-            let mut values = b.values.clone();
-            values.sort();
-            Some((b.name.clone(), values))
-        }
-    });
+    let CompiledMatch {
+        prefix,
+        hosts,
+        methods,
+        headers,
+        body_field,
+    } = compile_match(spec, &mut out);
     let conditions = headers.len() as u32 + u32::from(body_field.is_some());
-
-    let t = spec.timeouts.clone().unwrap_or_default();
-    let timeouts = CompiledTimeouts {
-        request: duration_field(&t.request, "spec.timeouts.request", key, problems),
-        first_byte: duration_field(&t.first_byte, "spec.timeouts.firstByte", key, problems),
-        idle: duration_field(&t.idle, "spec.timeouts.idle", key, problems),
-    };
-
-    let retry = match &spec.retry {
-        None => CompiledRetry::none(),
-        Some(r) => {
-            if !(1..=10).contains(&r.attempts) {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    "spec.retry.attempts",
-                    "Invalid",
-                    "must be between 1 and 10".into(),
-                );
-            }
-            let mut on_status = 0u128;
-            let mut on_connect_failure = false;
-            for on in &r.retry_on {
-                match on {
-                    RetryOn::Status(code) => on_status |= 1u128 << (code - 500),
-                    RetryOn::ConnectFailure => on_connect_failure = true,
-                }
-            }
-            CompiledRetry {
-                attempts: r.attempts.clamp(1, 10),
-                on_status,
-                on_connect_failure,
-                backoff: duration_field(&r.backoff, "spec.retry.backoff", key, problems)
-                    .unwrap_or_default(),
-            }
-        }
-    };
-
-    let auth = match &spec.auth {
-        None => CompiledAuth {
-            required: true,
-            roles: Vec::new(),
-            any_namespace: false,
-            allow_namespaces: Vec::new(),
-        },
-        Some(a) => CompiledAuth {
-            required: a.required.unwrap_or(true),
-            roles: a.roles.iter().map(|r| strings.get(r)).collect(),
-            any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
-            allow_namespaces: a.allow_namespaces.clone(),
-        },
-    };
-
-    let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
-        if r.requests_per_minute == Some(0) || r.burst == Some(0) || r.tokens_per_minute == Some(0)
-        {
-            problems.push(
-                "AgentRoute",
-                key,
-                "spec.rateLimit",
-                "Invalid",
-                "limits must be at least 1".into(),
-            );
-        }
-        if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
-            return None;
-        }
-        Some(CompiledRateLimit {
-            requests_per_minute: r.requests_per_minute,
-            burst: r.burst,
-            tokens_per_minute: r.tokens_per_minute,
-        })
-    });
-
-    let rewrite = spec
-        .rewrite
-        .as_ref()
-        .and_then(|r| match path::normalize(&r.path_prefix) {
-            Ok(n) if n == r.path_prefix => Some(r.path_prefix.clone()),
-            _ => {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    "spec.rewrite.pathPrefix",
-                    "Invalid",
-                    "must be a normal absolute path".into(),
-                );
-                None
-            }
-        });
-
-    let namespace = key.namespace.clone();
-    let mut backends = Vec::new();
-    if spec.backends.is_empty() {
-        problems.push(
-            "AgentRoute",
-            key,
-            "spec.backends",
-            "Invalid",
-            "at least one backend is required".into(),
-        );
-    }
-    for (i, b) in spec.backends.iter().enumerate() {
-        let field = format!("spec.backends[{i}]");
-        let target = match (&b.service, b.port, &b.url) {
-            (Some(svc), Some(port), None) if port > 0 => Some(BackendTarget::Service {
-                namespace: namespace.clone(),
-                name: Arc::from(svc.as_str()),
-                port,
-            }),
-            (None, None, Some(url)) => match parse_backend_url(url) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    problems.push("AgentRoute", key, &format!("{field}.url"), "Invalid", e);
-                    None
-                }
-            },
-            _ => {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    &field,
-                    "Invalid",
-                    "a backend is either service and port, or url".into(),
-                );
-                None
-            }
-        };
-        if let Some(target) = target {
-            let authority = match &target {
-                BackendTarget::Service {
-                    namespace,
-                    name,
-                    port,
-                } => format!(
-                    "{name}.{namespace}.svc.{}:{port}",
-                    opts.cluster_domain.trim_end_matches('.')
-                ),
-                BackendTarget::Url { host, port, .. } if host.contains(':') => {
-                    format!("[{host}]:{port}")
-                }
-                BackendTarget::Url { host, port, .. } => format!("{host}:{port}"),
-            };
-            let Ok(authority) = HeaderValue::from_str(&authority) else {
-                problems.push("AgentRoute", key, &field, "Invalid", "invalid host".into());
-                continue;
-            };
-            backends.push(CompiledBackend {
-                authority,
-                id: Arc::from(target.label().as_str()),
-                target,
-                weight: b.weight.unwrap_or(1),
-                canary: b.canary,
-            });
-        }
-    }
-    if !spec.backends.is_empty() && spec.backends.iter().all(|b| b.weight == Some(0)) {
-        problems.push(
-            "AgentRoute",
-            key,
-            "spec.backends",
-            "Invalid",
-            "at least one backend needs a weight above 0".into(),
-        );
-    }
-
-    let cors = spec.cors.as_ref().map(|c| {
-        let any_origin = c.allow_origins.iter().any(|o| o == "*");
-        if any_origin && c.allow_credentials {
-            problems.push(
-                "AgentRoute",
-                key,
-                "spec.cors",
-                "Invalid",
-                "allowOrigins '*' cannot be combined with allowCredentials".into(),
-            );
-        }
-        let join = |v: &[String]| {
-            if v.is_empty() {
-                None
-            } else {
-                HeaderValue::from_str(&v.join(", ")).ok()
-            }
-        };
-        let max_age = duration_field(&c.max_age, "spec.cors.maxAge", key, problems)
-            .and_then(|d| HeaderValue::from_str(&d.as_secs().to_string()).ok());
-        CompiledCors {
-            any_origin,
-            origins: c.allow_origins.clone(),
-            allow_methods: join(&c.allow_methods),
-            allow_headers: join(&c.allow_headers),
-            expose_headers: join(&c.expose_headers),
-            max_age,
-            allow_credentials: c.allow_credentials,
-        }
-    });
-
-    let canary_header = spec.canary_header.as_ref().and_then(|h| {
-        HeaderName::from_bytes(h.as_bytes())
-            .map_err(|_| {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    "spec.canaryHeader",
-                    "Invalid",
-                    "invalid header name".into(),
-                )
-            })
-            .ok()
-    });
+    let timeouts = compile_timeouts(spec, &mut out);
+    let retry = compile_retry(spec, &mut out);
+    let auth = compile_auth(spec, strings);
+    let rate_limit = compile_rate_limit(spec, &mut out);
+    let rewrite = compile_rewrite(spec, &mut out);
+    let backends = compile_backends(spec, &key.namespace, opts, &mut out);
+    let cors = spec.cors.as_ref().map(|c| compile_cors(c, &mut out));
+    let canary_header = compile_canary_header(spec, &mut out);
 
     Some(CompiledRoute {
         id: {
@@ -675,11 +426,11 @@ fn compile_route<'a>(
             id.push_str(&key.name);
             Arc::from(id)
         },
-        namespace,
+        namespace: key.namespace.clone(),
         name: key.name.to_string(),
         hosts,
         prefix,
-        methods: MethodSet { methods, allow },
+        methods,
         headers,
         body_field,
         protocol: spec.protocol,
@@ -707,6 +458,302 @@ fn compile_route<'a>(
         backends,
         conditions,
     })
+}
+
+/// What `spec.hosts` and `spec.match` compile to.
+struct CompiledMatch {
+    prefix: String,
+    hosts: Vec<HostPattern>,
+    methods: MethodSet,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body_field: Option<(String, Vec<String>)>,
+}
+
+/// `spec.hosts` and `spec.match`: what a request must look like to be this route's.
+fn compile_match(spec: &AgentRouteSpec, out: &mut RouteProblems<'_, '_>) -> CompiledMatch {
+    let prefix = match normalize_prefix(&spec.match_.path_prefix) {
+        Ok(p) => p,
+        Err(e) => {
+            out.invalid("spec.match.pathPrefix", e);
+            String::new()
+        }
+    };
+    let mut hosts = Vec::new();
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if valid_host(h) {
+            hosts.push(HostPattern::parse(h));
+        } else {
+            out.invalid(
+                &format!("spec.hosts[{i}]"),
+                format!("{h:?} is not a lower-case DNS name or *.name"),
+            );
+        }
+    }
+    if hosts.is_empty() {
+        hosts.push(HostPattern::Any);
+    }
+    hosts.dedup();
+
+    let mut methods = Vec::new();
+    for (i, m) in spec.match_.methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            out.invalid(
+                &format!("spec.match.methods[{i}]"),
+                format!("{m:?} is not an upper-case method"),
+            );
+        } else if !methods.contains(m) {
+            methods.push(m.clone());
+        }
+    }
+    let allow = if methods.is_empty() {
+        None
+    } else {
+        HeaderValue::from_str(&methods.join(", ")).ok()
+    };
+
+    let mut headers = Vec::new();
+    for (i, h) in spec.match_.headers.iter().enumerate() {
+        match (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => out.invalid(
+                &format!("spec.match.headers[{i}]"),
+                "invalid header name or value".into(),
+            ),
+        }
+    }
+    headers.sort_by(|a, b| {
+        a.0.as_str()
+            .cmp(b.0.as_str())
+            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
+    });
+    let body_field = spec.match_.body_field.as_ref().and_then(|b| {
+        if b.name.is_empty() || b.values.is_empty() {
+            out.invalid(
+                "spec.match.bodyField",
+                "needs a name and at least one value".into(),
+            );
+            None
+        } else {
+            let mut values = b.values.clone();
+            values.sort();
+            Some((b.name.clone(), values))
+        }
+    });
+    CompiledMatch {
+        prefix,
+        hosts,
+        methods: MethodSet { methods, allow },
+        headers,
+        body_field,
+    }
+}
+
+/// `spec.timeouts`.
+fn compile_timeouts(spec: &AgentRouteSpec, out: &mut RouteProblems<'_, '_>) -> CompiledTimeouts {
+    let t = spec.timeouts.clone().unwrap_or_default();
+    CompiledTimeouts {
+        request: out.duration(&t.request, "spec.timeouts.request"),
+        first_byte: out.duration(&t.first_byte, "spec.timeouts.firstByte"),
+        idle: out.duration(&t.idle, "spec.timeouts.idle"),
+    }
+}
+
+/// `spec.retry`.
+fn compile_retry(spec: &AgentRouteSpec, out: &mut RouteProblems<'_, '_>) -> CompiledRetry {
+    let Some(r) = &spec.retry else {
+        return CompiledRetry::none();
+    };
+    if !(1..=10).contains(&r.attempts) {
+        out.invalid("spec.retry.attempts", "must be between 1 and 10".into());
+    }
+    let mut on_status = 0u128;
+    let mut on_connect_failure = false;
+    for on in &r.retry_on {
+        match on {
+            RetryOn::Status(code) => on_status |= 1u128 << (code - 500),
+            RetryOn::ConnectFailure => on_connect_failure = true,
+        }
+    }
+    CompiledRetry {
+        attempts: r.attempts.clamp(1, 10),
+        on_status,
+        on_connect_failure,
+        backoff: out
+            .duration(&r.backoff, "spec.retry.backoff")
+            .unwrap_or_default(),
+    }
+}
+
+/// `spec.auth`: who may call the route. Nothing in it can be invalid.
+fn compile_auth<'a>(spec: &'a AgentRouteSpec, strings: &mut Interner<'a>) -> CompiledAuth {
+    match &spec.auth {
+        None => CompiledAuth {
+            required: true,
+            roles: Vec::new(),
+            any_namespace: false,
+            allow_namespaces: Vec::new(),
+        },
+        Some(a) => CompiledAuth {
+            required: a.required.unwrap_or(true),
+            roles: a.roles.iter().map(|r| strings.get(r)).collect(),
+            any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
+            allow_namespaces: a.allow_namespaces.clone(),
+        },
+    }
+}
+
+/// `spec.rateLimit`: the route's own limits, on top of the key's.
+fn compile_rate_limit(
+    spec: &AgentRouteSpec,
+    out: &mut RouteProblems<'_, '_>,
+) -> Option<CompiledRateLimit> {
+    let r = spec.rate_limit.as_ref()?;
+    if r.requests_per_minute == Some(0) || r.burst == Some(0) || r.tokens_per_minute == Some(0) {
+        out.invalid("spec.rateLimit", "limits must be at least 1".into());
+    }
+    if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
+        return None;
+    }
+    Some(CompiledRateLimit {
+        requests_per_minute: r.requests_per_minute,
+        burst: r.burst,
+        tokens_per_minute: r.tokens_per_minute,
+    })
+}
+
+/// `spec.rewrite`.
+fn compile_rewrite(spec: &AgentRouteSpec, out: &mut RouteProblems<'_, '_>) -> Option<String> {
+    let r = spec.rewrite.as_ref()?;
+    match path::normalize(&r.path_prefix) {
+        Ok(n) if n == r.path_prefix => Some(r.path_prefix.clone()),
+        _ => {
+            out.invalid(
+                "spec.rewrite.pathPrefix",
+                "must be a normal absolute path".into(),
+            );
+            None
+        }
+    }
+}
+
+/// `spec.backends`: where the route forwards to, with the `Host` each one is sent.
+fn compile_backends(
+    spec: &AgentRouteSpec,
+    namespace: &Arc<str>,
+    opts: &CompileOptions,
+    out: &mut RouteProblems<'_, '_>,
+) -> Vec<CompiledBackend> {
+    let mut backends = Vec::new();
+    if spec.backends.is_empty() {
+        out.invalid("spec.backends", "at least one backend is required".into());
+    }
+    for (i, b) in spec.backends.iter().enumerate() {
+        let field = format!("spec.backends[{i}]");
+        let target = match (&b.service, b.port, &b.url) {
+            (Some(svc), Some(port), None) if port > 0 => Some(BackendTarget::Service {
+                namespace: namespace.clone(),
+                name: Arc::from(svc.as_str()),
+                port,
+            }),
+            (None, None, Some(url)) => match parse_backend_url(url) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    out.invalid(&format!("{field}.url"), e);
+                    None
+                }
+            },
+            _ => {
+                out.invalid(
+                    &field,
+                    "a backend is either service and port, or url".into(),
+                );
+                None
+            }
+        };
+        let Some(target) = target else {
+            continue;
+        };
+        let authority = match &target {
+            BackendTarget::Service {
+                namespace,
+                name,
+                port,
+            } => format!(
+                "{name}.{namespace}.svc.{}:{port}",
+                opts.cluster_domain.trim_end_matches('.')
+            ),
+            BackendTarget::Url { host, port, .. } if host.contains(':') => {
+                format!("[{host}]:{port}")
+            }
+            BackendTarget::Url { host, port, .. } => format!("{host}:{port}"),
+        };
+        let Ok(authority) = HeaderValue::from_str(&authority) else {
+            out.invalid(&field, "invalid host".into());
+            continue;
+        };
+        backends.push(CompiledBackend {
+            authority,
+            id: Arc::from(target.label().as_str()),
+            target,
+            weight: b.weight.unwrap_or(1),
+            canary: b.canary,
+        });
+    }
+    if !spec.backends.is_empty() && spec.backends.iter().all(|b| b.weight == Some(0)) {
+        out.invalid(
+            "spec.backends",
+            "at least one backend needs a weight above 0".into(),
+        );
+    }
+    backends
+}
+
+/// `spec.cors`: the answers to preflights and the headers added to responses.
+fn compile_cors(c: &Cors, out: &mut RouteProblems<'_, '_>) -> CompiledCors {
+    let any_origin = c.allow_origins.iter().any(|o| o == "*");
+    if any_origin && c.allow_credentials {
+        out.invalid(
+            "spec.cors",
+            "allowOrigins '*' cannot be combined with allowCredentials".into(),
+        );
+    }
+    let join = |v: &[String]| {
+        if v.is_empty() {
+            None
+        } else {
+            HeaderValue::from_str(&v.join(", ")).ok()
+        }
+    };
+    let max_age = out
+        .duration(&c.max_age, "spec.cors.maxAge")
+        .and_then(|d| HeaderValue::from_str(&d.as_secs().to_string()).ok());
+    CompiledCors {
+        any_origin,
+        origins: c.allow_origins.clone(),
+        allow_methods: join(&c.allow_methods),
+        allow_headers: join(&c.allow_headers),
+        expose_headers: join(&c.expose_headers),
+        max_age,
+        allow_credentials: c.allow_credentials,
+    }
+}
+
+/// `spec.canaryHeader`.
+fn compile_canary_header(
+    spec: &AgentRouteSpec,
+    out: &mut RouteProblems<'_, '_>,
+) -> Option<HeaderName> {
+    let h = spec.canary_header.as_ref()?;
+    match HeaderName::from_bytes(h.as_bytes()) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            out.invalid("spec.canaryHeader", "invalid header name".into());
+            None
+        }
+    }
 }
 
 /// Parses `http(s)://host[:port][/base]`.
