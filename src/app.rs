@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 use crate::auth::external::{ExtAuth, ExtAuthConfig};
 use crate::auth::keys::KeyLimits;
 use crate::balance::endpoints::EndpointRegistry;
+use crate::config::route::BackendTarget;
 use crate::config::{compile, CompileOptions, Problem, Snapshot, Store};
-use crate::discovery::{DiscoveryMode, DnsConfig, DnsDiscovery, Resolver, SliceEndpoints};
+use crate::discovery::{DiscoveryMode, DnsConfig, DnsDiscovery, Resolver, SliceEndpoints, Target};
 use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{Gateway, ProxyOptions};
 use crate::ratelimit::{RateLimiter, RedisConfig, RedisLimiter};
@@ -282,6 +283,22 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
 
 /// Gives every backend of the snapshot its live endpoint set (shared with the previous snapshot
 /// when the backend is unchanged, so balancer state and DNS watches carry over).
+/// What discovery needs of a backend: config's target in discovery's terms.
+fn discovery_target(target: &BackendTarget) -> Target<'_> {
+    match target {
+        BackendTarget::Service {
+            namespace,
+            name,
+            port,
+        } => Target::Service {
+            namespace,
+            name,
+            port: *port,
+        },
+        BackendTarget::Url { host, port, .. } => Target::Host { host, port: *port },
+    }
+}
+
 pub fn attach_endpoints(snap: &mut Snapshot, resolver: &Resolver) {
     let mut problems = Vec::new();
     for route in snap.routes.routes() {
@@ -289,7 +306,7 @@ pub fn attach_endpoints(snap: &mut Snapshot, resolver: &Resolver) {
             if snap.endpoints.contains_key(&b.id) {
                 continue;
             }
-            match resolver.handle(&b.target) {
+            match resolver.handle(discovery_target(&b.target)) {
                 Ok(h) => {
                     snap.endpoints.insert(b.id.clone(), h.set.clone());
                     snap.keepalive.push(Box::new(h));

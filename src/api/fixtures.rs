@@ -1,5 +1,6 @@
 //! Builders for tests, benches and examples: `RouteBuilder::new("chat").prefix("/api/v1/chat")`.
-//! Produce the same objects a user would apply; no shortcuts around compile().
+//! Produce the same objects a user would apply; no shortcuts around compile(). Compiled only for
+//! unit tests and with the `fixtures` feature, which the crate's dev-dependency on itself enables.
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

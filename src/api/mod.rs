@@ -2,6 +2,7 @@
 //! Types, schemas and the CEL rules the API server enforces; no behaviour lives here.
 
 mod duration;
+#[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 mod key;
 mod route;

@@ -1,6 +1,7 @@
 //! `compile()`: the pure function from a `Store` to a `Snapshot`. Validates every object as the API
 //! server's schema would (standalone has no API server), resolves references, orders routes,
 //! resolves conflicts, and reports every problem per object. A broken object never breaks another.
+//! The problems themselves are the typed values of [`super::problem`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,14 +9,16 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 
 use super::path;
+use super::problem::{KeyProblem, PrefixProblem, Reason, RouteProblem, UrlProblem};
 use super::route::*;
 use super::table::{Entry, RouteTable};
 use super::tls::{certified_key, CertStore};
 use super::{ObjectKey, ObjectReport, Problem, Snapshot, Store};
 use crate::api::{
-    parse_duration, AgentApiKey, AgentRoute, Condition, RetryOn, Sticky, DEFAULT_GATEWAY_CLASS,
+    parse_duration, AgentApiKeySpec, AgentRoute, AgentRouteSpec, Condition, Cors, RetryOn, Sticky,
+    DEFAULT_GATEWAY_CLASS,
 };
-use crate::auth::keys::{self, KeyEntry, KeyLimits, KeyStore};
+use crate::auth::keys::{self, KeyDigest, KeyEntry, KeyLimits, KeyStore};
 
 /// Settings that shape a compile.
 #[derive(Clone, Debug)]
@@ -41,13 +44,21 @@ impl Default for CompileOptions {
     }
 }
 
+/// The snapshot's problem records, rendered from the typed problems of each object.
 struct Problems<'a> {
     store: &'a Store,
     list: Vec<Problem>,
 }
 
 impl Problems<'_> {
-    fn push(&mut self, kind: &str, object: &ObjectKey, field: &str, reason: &str, message: String) {
+    fn push(
+        &mut self,
+        kind: &str,
+        object: &ObjectKey,
+        field: &str,
+        reason: Reason,
+        message: String,
+    ) {
         let origin = self
             .store
             .origins
@@ -57,10 +68,18 @@ impl Problems<'_> {
             kind: kind.to_string(),
             object: object.clone(),
             field: field.to_string(),
-            reason: reason.to_string(),
+            reason: reason.as_str().to_string(),
             message,
             origin,
         });
+    }
+
+    fn route(&mut self, object: &ObjectKey, p: &RouteProblem) {
+        self.push("AgentRoute", object, &p.field(), p.reason(), p.to_string());
+    }
+
+    fn key(&mut self, object: &ObjectKey, p: &KeyProblem) {
+        self.push("AgentApiKey", object, p.field(), p.reason(), p.to_string());
     }
 }
 
@@ -85,6 +104,18 @@ fn object_key<'a, K: kube::Resource>(obj: &'a K, strings: &mut Interner<'a>) -> 
     }
 }
 
+/// Oldest first, by creation time then by position in the store: ties and conflicts go to the
+/// oldest. (time, index) is unique: an unstable sort gives the same order as a stable one.
+fn oldest_first<K: kube::Resource>(objects: &[K]) -> Vec<&K> {
+    let mut ordered: Vec<(usize, &K)> = objects.iter().enumerate().collect();
+    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
+        let ta = a.meta().creation_timestamp.as_ref().map(|t| t.0);
+        let tb = b.meta().creation_timestamp.as_ref().map(|t| t.0);
+        ta.cmp(&tb).then(ia.cmp(ib))
+    });
+    ordered.into_iter().map(|(_, o)| o).collect()
+}
+
 /// Compiles the store. Pure: same store and options, same snapshot.
 pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
     let mut problems = Problems {
@@ -97,15 +128,6 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
     // Keys first (routes do not depend on them, but reports read better in this order).
     let keys = compile_keys(store, opts, &mut problems, &mut reports, &mut strings);
 
-    // Routes, oldest first: ties and conflicts go to the oldest.
-    let mut ordered: Vec<(usize, &AgentRoute)> = store.routes.iter().enumerate().collect();
-    // (time, index) is unique: an unstable sort gives the same order as a stable one.
-    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
-        let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        ta.cmp(&tb).then(ia.cmp(ib))
-    });
-
     // The conditions of every accepted route whose references resolve: one shared list.
     let accepted_ok: Arc<[Condition]> = Arc::new([
         Condition::new("Accepted", true, "Accepted", ""),
@@ -117,7 +139,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
     let mut by_prefix: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
     let mut routes = Vec::with_capacity(store.routes.len());
 
-    for (order, (_, route)) in ordered.into_iter().enumerate() {
+    for (order, route) in oldest_first(&store.routes).into_iter().enumerate() {
         let class = route
             .spec
             .gateway_class
@@ -128,121 +150,48 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         }
         let key = object_key(route, &mut strings);
         let generation = route.metadata.generation;
-        let before = problems.list.len();
-        let compiled = compile_route(route, &key, opts, &mut problems, &mut strings);
-        let compiled = match compiled {
-            Some(c) if problems.list.len() == before => c,
-            _ => {
-                let msg = problems.list[before..]
-                    .iter()
-                    .map(|p| {
-                        if p.field.is_empty() {
-                            p.message.clone()
-                        } else {
-                            format!("{}: {}", p.field, p.message)
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; ");
+        let compiled = match compile_route(route, &key, opts, &mut strings) {
+            Ok(c) => c,
+            Err(found) => {
+                for p in &found {
+                    problems.route(&key, p);
+                }
                 reports.push(route_report(
                     key,
                     generation,
-                    Arc::new([
-                        Condition::new("Accepted", false, "Invalid", msg),
-                        Condition::new("ResolvedRefs", false, "Invalid", "route not accepted"),
-                    ]),
+                    not_accepted(&found),
                     Vec::new(),
                 ));
                 continue;
             }
         };
 
-        // Conflicts with older accepted routes.
-        let mut conflict_with: Option<Arc<str>> = None;
-        if let Some(older) = by_prefix.get(compiled.prefix.as_str()) {
-            for host in &compiled.hosts {
-                for e in older.iter().filter(|e| e.host == *host) {
-                    let other = &e.route;
-                    if other.headers == compiled.headers
-                        && other.body_field == compiled.body_field
-                        && other.methods.overlaps(&compiled.methods)
-                    {
-                        conflict_with = Some(other.id.clone());
-                    }
-                }
-            }
-        }
-        if let Some(winner) = conflict_with {
-            let msg = format!(
-                "prefix {} on the same hosts and conditions is already served by {winner}",
-                compiled.prefix
-            );
-            problems.push("AgentRoute", &key, "spec.match", "Conflicted", msg.clone());
-            reports.push(route_report(
-                key,
-                generation,
-                Arc::new([
-                    Condition::new("Accepted", false, "Conflicted", msg),
-                    Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
-                ]),
-                Vec::new(),
-            ));
+        if let Some(winner) = conflicting(&by_prefix, &compiled) {
+            let p = RouteProblem::Conflicted {
+                prefix: compiled.prefix.clone(),
+                winner,
+            };
+            problems.route(&key, &p);
+            let conditions = Arc::new([
+                Condition::new("Accepted", false, "Conflicted", p.to_string()),
+                Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+            ]);
+            reports.push(route_report(key, generation, conditions, Vec::new()));
             continue;
         }
 
-        // References: Services (Kubernetes mode) and the TLS Secret.
-        let mut resolved = Condition::new("ResolvedRefs", true, "ResolvedRefs", "");
-        if let Some(services) = &store.services {
-            let missing: Vec<String> = compiled
-                .backends
-                .iter()
-                .filter_map(|b| match &b.target {
-                    BackendTarget::Service {
-                        namespace, name, ..
-                    } if !services.contains(&ObjectKey::new(&**namespace, &**name)) => {
-                        Some(name.to_string())
-                    }
-                    _ => None,
-                })
-                .collect();
-            if !missing.is_empty() {
-                let msg = format!("Service not found: {}", missing.join(", "));
-                problems.push(
-                    "AgentRoute",
-                    &key,
-                    "spec.backends",
-                    "BackendNotFound",
-                    msg.clone(),
-                );
-                resolved = Condition::new("ResolvedRefs", false, "BackendNotFound", msg);
-            }
+        // The last unresolved reference is the one the condition names.
+        let unresolved = resolve_refs(store, &compiled, &mut certs);
+        for p in &unresolved {
+            problems.route(&key, p);
         }
-        if let Some(secret_name) = &compiled.tls_secret {
-            let skey = ObjectKey::new(&*compiled.namespace, secret_name);
-            match tls_from_secret(store.secrets.get(&skey)) {
-                Ok(cert) => {
-                    for h in &compiled.hosts {
-                        match h {
-                            HostPattern::Exact(name) => certs.insert(name, cert.clone()),
-                            HostPattern::Wildcard(suffix) => {
-                                certs.insert(&format!("*{suffix}"), cert.clone())
-                            }
-                            HostPattern::Any => certs.insert("*", cert.clone()),
-                        }
-                    }
-                }
-                Err((reason, msg)) => {
-                    problems.push(
-                        "AgentRoute",
-                        &key,
-                        "spec.tls.secretName",
-                        reason,
-                        msg.clone(),
-                    );
-                    resolved = Condition::new("ResolvedRefs", false, reason, msg);
-                }
-            }
-        }
+        let conditions = match unresolved.last() {
+            None => accepted_ok.clone(),
+            Some(p) => Arc::new([
+                Condition::new("Accepted", true, "Accepted", ""),
+                Condition::new("ResolvedRefs", false, p.reason().as_str(), p.to_string()),
+            ]),
+        };
 
         let compiled = Arc::new(compiled);
         let slot = match by_prefix.get_mut(compiled.prefix.as_str()) {
@@ -261,11 +210,6 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         }
         let backend_names: Vec<String> =
             compiled.backends.iter().map(|b| b.id.to_string()).collect();
-        let conditions = if resolved == accepted_ok[1] {
-            accepted_ok.clone()
-        } else {
-            Arc::new([Condition::new("Accepted", true, "Accepted", ""), resolved])
-        };
         reports.push(route_report(key, generation, conditions, backend_names));
         routes.push(compiled);
     }
@@ -281,6 +225,89 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         endpoints: HashMap::new(),
         keepalive: Vec::new(),
     }
+}
+
+/// The conditions of a route that is not accepted: every problem in one message.
+fn not_accepted(found: &[RouteProblem]) -> Arc<[Condition]> {
+    let msg = found
+        .iter()
+        .map(|p| {
+            let field = p.field();
+            if field.is_empty() {
+                p.to_string()
+            } else {
+                format!("{field}: {p}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Arc::new([
+        Condition::new("Accepted", false, "Invalid", msg),
+        Condition::new("ResolvedRefs", false, "Invalid", "route not accepted"),
+    ])
+}
+
+/// The id of an older accepted route that serves the same prefix, a same host and the same
+/// conditions (the last one found, as the routes were accepted).
+fn conflicting(
+    by_prefix: &HashMap<Box<str>, Vec<Entry>>,
+    route: &CompiledRoute,
+) -> Option<Arc<str>> {
+    let older = by_prefix.get(route.prefix.as_str())?;
+    let mut winner = None;
+    for host in &route.hosts {
+        for e in older.iter().filter(|e| e.host == *host) {
+            let other = &e.route;
+            if other.headers == route.headers
+                && other.body_field == route.body_field
+                && other.methods.overlaps(&route.methods)
+            {
+                winner = Some(other.id.clone());
+            }
+        }
+    }
+    winner
+}
+
+/// References: Services (Kubernetes mode) and the TLS Secret, whose certificate goes into `certs`
+/// for the route's hosts. Returns what does not resolve.
+fn resolve_refs(store: &Store, route: &CompiledRoute, certs: &mut CertStore) -> Vec<RouteProblem> {
+    let mut unresolved = Vec::new();
+    if let Some(services) = &store.services {
+        let missing: Vec<String> = route
+            .backends
+            .iter()
+            .filter_map(|b| match &b.target {
+                BackendTarget::Service {
+                    namespace, name, ..
+                } if !services.contains(&ObjectKey::new(&**namespace, &**name)) => {
+                    Some(name.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        if !missing.is_empty() {
+            unresolved.push(RouteProblem::ServiceNotFound(missing));
+        }
+    }
+    if let Some(secret_name) = &route.tls_secret {
+        let skey = ObjectKey::new(&*route.namespace, secret_name);
+        match tls_from_secret(store.secrets.get(&skey)) {
+            Ok(cert) => {
+                for h in &route.hosts {
+                    match h {
+                        HostPattern::Exact(name) => certs.insert(name, cert.clone()),
+                        HostPattern::Wildcard(suffix) => {
+                            certs.insert(&format!("*{suffix}"), cert.clone())
+                        }
+                        HostPattern::Any => certs.insert("*", cert.clone()),
+                    }
+                }
+            }
+            Err(p) => unresolved.push(p),
+        }
+    }
+    unresolved
 }
 
 fn route_report(
@@ -301,13 +328,11 @@ fn route_report(
 
 fn tls_from_secret(
     secret: Option<&k8s_openapi::api::core::v1::Secret>,
-) -> Result<Arc<rustls::sign::CertifiedKey>, (&'static str, String)> {
-    let secret = secret.ok_or(("SecretNotFound", "TLS Secret not found".to_string()))?;
-    let crt = secret_value(secret, "tls.crt")
-        .ok_or(("InvalidCertificate", "Secret has no tls.crt".to_string()))?;
-    let key = secret_value(secret, "tls.key")
-        .ok_or(("InvalidCertificate", "Secret has no tls.key".to_string()))?;
-    certified_key(&crt, &key).map_err(|e| ("InvalidCertificate", e.to_string()))
+) -> Result<Arc<rustls::sign::CertifiedKey>, RouteProblem> {
+    let secret = secret.ok_or(RouteProblem::TlsSecretNotFound)?;
+    let crt = secret_value(secret, "tls.crt").ok_or(RouteProblem::TlsSecretMissing("tls.crt"))?;
+    let key = secret_value(secret, "tls.key").ok_or(RouteProblem::TlsSecretMissing("tls.key"))?;
+    certified_key(&crt, &key).map_err(|e| RouteProblem::InvalidCertificate(e.to_string()))
 }
 
 /// A value of a Secret, from `data` (already base64-decoded) or `stringData`.
@@ -322,13 +347,13 @@ pub fn secret_value(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> O
         .map(|s| s.as_bytes().to_vec())
 }
 
-fn normalize_prefix(p: &str) -> Result<String, String> {
+fn normalize_prefix(p: &str) -> Result<String, PrefixProblem> {
     if !p.starts_with('/') {
-        return Err("must start with '/'".into());
+        return Err(PrefixProblem::NotAbsolute);
     }
-    let n = path::normalize(p).map_err(|e| e.to_string())?;
+    let n = path::normalize(p)?;
     if n != p && n.trim_end_matches('/') != p.trim_end_matches('/') {
-        return Err(format!("is not in normal form (would be {n})"));
+        return Err(PrefixProblem::NotNormal(n.into_owned()));
     }
     let trimmed = n.trim_end_matches('/');
     Ok(if trimmed.is_empty() {
@@ -355,319 +380,53 @@ fn valid_host(h: &str) -> bool {
 
 fn duration_field(
     value: &Option<String>,
-    field: &str,
-    key: &ObjectKey,
-    problems: &mut Problems<'_>,
+    field: &'static str,
+    out: &mut Vec<RouteProblem>,
 ) -> Option<std::time::Duration> {
     let text = value.as_ref()?;
     match parse_duration(text) {
         Ok(d) => Some(d),
-        Err(e) => {
-            problems.push("AgentRoute", key, field, "Invalid", e.to_string());
+        Err(error) => {
+            out.push(RouteProblem::Duration { field, error });
             None
         }
     }
 }
 
+/// One route, section by section in the order of its spec. Every section reports its own
+/// problems; the route is served only if none of them found one.
 fn compile_route<'a>(
     route: &'a AgentRoute,
     key: &ObjectKey,
     opts: &CompileOptions,
-    problems: &mut Problems<'_>,
     strings: &mut Interner<'a>,
-) -> Option<CompiledRoute> {
+) -> Result<CompiledRoute, Vec<RouteProblem>> {
     let spec = &route.spec;
-    let mut bad = |field: &str, message: String| {
-        problems.push("AgentRoute", key, field, "Invalid", message);
-    };
+    let mut out = Vec::new();
     if key.name.is_empty() {
-        bad("metadata.name", "is required".into());
+        out.push(RouteProblem::NameRequired);
     }
-
-    let prefix = match normalize_prefix(&spec.match_.path_prefix) {
-        Ok(p) => p,
-        Err(e) => {
-            bad("spec.match.pathPrefix", e);
-            String::new()
-        }
-    };
-    let mut hosts = Vec::new();
-    for (i, h) in spec.hosts.iter().enumerate() {
-        if valid_host(h) {
-            hosts.push(HostPattern::parse(h));
-        } else {
-            bad(
-                &format!("spec.hosts[{i}]"),
-                format!("{h:?} is not a lower-case DNS name or *.name"),
-            );
-        }
-    }
-    if hosts.is_empty() {
-        hosts.push(HostPattern::Any);
-    }
-    hosts.dedup();
-
-    let mut methods = Vec::new();
-    for (i, m) in spec.match_.methods.iter().enumerate() {
-        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-            bad(
-                &format!("spec.match.methods[{i}]"),
-                format!("{m:?} is not an upper-case method"),
-            );
-        } else if !methods.contains(m) {
-            methods.push(m.clone());
-        }
-    }
-    let allow = if methods.is_empty() {
-        None
-    } else {
-        HeaderValue::from_str(&methods.join(", ")).ok()
-    };
-
-    let mut headers = Vec::new();
-    for (i, h) in spec.match_.headers.iter().enumerate() {
-        match (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_str(&h.value),
-        ) {
-            (Ok(n), Ok(v)) => headers.push((n, v)),
-            _ => bad(
-                &format!("spec.match.headers[{i}]"),
-                "invalid header name or value".into(),
-            ),
-        }
-    }
-    headers.sort_by(|a, b| {
-        a.0.as_str()
-            .cmp(b.0.as_str())
-            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-    });
-    let body_field = spec.match_.body_field.as_ref().and_then(|b| {
-        if b.name.is_empty() || b.values.is_empty() {
-            bad(
-                "spec.match.bodyField",
-                "needs a name and at least one value".into(),
-            );
-            None
-        } else {
-            let mut values = b.values.clone();
-            values.sort();
-            Some((b.name.clone(), values))
-        }
-    });
+    let CompiledMatch {
+        prefix,
+        hosts,
+        methods,
+        headers,
+        body_field,
+    } = compile_match(spec, &mut out);
     let conditions = headers.len() as u32 + u32::from(body_field.is_some());
-
-    let t = spec.timeouts.clone().unwrap_or_default();
-    let timeouts = CompiledTimeouts {
-        request: duration_field(&t.request, "spec.timeouts.request", key, problems),
-        first_byte: duration_field(&t.first_byte, "spec.timeouts.firstByte", key, problems),
-        idle: duration_field(&t.idle, "spec.timeouts.idle", key, problems),
-    };
-
-    let retry = match &spec.retry {
-        None => CompiledRetry::none(),
-        Some(r) => {
-            if !(1..=10).contains(&r.attempts) {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    "spec.retry.attempts",
-                    "Invalid",
-                    "must be between 1 and 10".into(),
-                );
-            }
-            let mut on_status = 0u128;
-            let mut on_connect_failure = false;
-            for on in &r.retry_on {
-                match on {
-                    RetryOn::Status(code) => on_status |= 1u128 << (code - 500),
-                    RetryOn::ConnectFailure => on_connect_failure = true,
-                }
-            }
-            CompiledRetry {
-                attempts: r.attempts.clamp(1, 10),
-                on_status,
-                on_connect_failure,
-                backoff: duration_field(&r.backoff, "spec.retry.backoff", key, problems)
-                    .unwrap_or_default(),
-            }
-        }
-    };
-
-    let auth = match &spec.auth {
-        None => CompiledAuth {
-            required: true,
-            roles: Vec::new(),
-            any_namespace: false,
-            allow_namespaces: Vec::new(),
-        },
-        Some(a) => CompiledAuth {
-            required: a.required.unwrap_or(true),
-            roles: a.roles.iter().map(|r| strings.get(r)).collect(),
-            any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
-            allow_namespaces: a.allow_namespaces.clone(),
-        },
-    };
-
-    let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
-        if r.requests_per_minute == Some(0) || r.burst == Some(0) || r.tokens_per_minute == Some(0)
-        {
-            problems.push(
-                "AgentRoute",
-                key,
-                "spec.rateLimit",
-                "Invalid",
-                "limits must be at least 1".into(),
-            );
-        }
-        if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
-            return None;
-        }
-        Some(CompiledRateLimit {
-            requests_per_minute: r.requests_per_minute,
-            burst: r.burst,
-            tokens_per_minute: r.tokens_per_minute,
-        })
-    });
-
-    let rewrite = spec
-        .rewrite
-        .as_ref()
-        .and_then(|r| match path::normalize(&r.path_prefix) {
-            Ok(n) if n == r.path_prefix => Some(r.path_prefix.clone()),
-            _ => {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    "spec.rewrite.pathPrefix",
-                    "Invalid",
-                    "must be a normal absolute path".into(),
-                );
-                None
-            }
-        });
-
-    let namespace = key.namespace.clone();
-    let mut backends = Vec::new();
-    if spec.backends.is_empty() {
-        problems.push(
-            "AgentRoute",
-            key,
-            "spec.backends",
-            "Invalid",
-            "at least one backend is required".into(),
-        );
-    }
-    for (i, b) in spec.backends.iter().enumerate() {
-        let field = format!("spec.backends[{i}]");
-        let target = match (&b.service, b.port, &b.url) {
-            (Some(svc), Some(port), None) if port > 0 => Some(BackendTarget::Service {
-                namespace: namespace.clone(),
-                name: Arc::from(svc.as_str()),
-                port,
-            }),
-            (None, None, Some(url)) => match parse_backend_url(url) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    problems.push("AgentRoute", key, &format!("{field}.url"), "Invalid", e);
-                    None
-                }
-            },
-            _ => {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    &field,
-                    "Invalid",
-                    "a backend is either service and port, or url".into(),
-                );
-                None
-            }
-        };
-        if let Some(target) = target {
-            let authority = match &target {
-                BackendTarget::Service {
-                    namespace,
-                    name,
-                    port,
-                } => format!(
-                    "{name}.{namespace}.svc.{}:{port}",
-                    opts.cluster_domain.trim_end_matches('.')
-                ),
-                BackendTarget::Url { host, port, .. } if host.contains(':') => {
-                    format!("[{host}]:{port}")
-                }
-                BackendTarget::Url { host, port, .. } => format!("{host}:{port}"),
-            };
-            let Ok(authority) = HeaderValue::from_str(&authority) else {
-                problems.push("AgentRoute", key, &field, "Invalid", "invalid host".into());
-                continue;
-            };
-            backends.push(CompiledBackend {
-                authority,
-                id: Arc::from(target.label().as_str()),
-                target,
-                weight: b.weight.unwrap_or(1),
-                canary: b.canary,
-            });
-        }
-    }
-    if !spec.backends.is_empty() && spec.backends.iter().all(|b| b.weight == Some(0)) {
-        problems.push(
-            "AgentRoute",
-            key,
-            "spec.backends",
-            "Invalid",
-            "at least one backend needs a weight above 0".into(),
-        );
+    let timeouts = compile_timeouts(spec, &mut out);
+    let retry = compile_retry(spec, &mut out);
+    let auth = compile_auth(spec, strings);
+    let rate_limit = compile_rate_limit(spec, &mut out);
+    let rewrite = compile_rewrite(spec, &mut out);
+    let backends = compile_backends(spec, &key.namespace, opts, &mut out);
+    let cors = spec.cors.as_ref().map(|c| compile_cors(c, &mut out));
+    let canary_header = compile_canary_header(spec, &mut out);
+    if !out.is_empty() {
+        return Err(out);
     }
 
-    let cors = spec.cors.as_ref().map(|c| {
-        let any_origin = c.allow_origins.iter().any(|o| o == "*");
-        if any_origin && c.allow_credentials {
-            problems.push(
-                "AgentRoute",
-                key,
-                "spec.cors",
-                "Invalid",
-                "allowOrigins '*' cannot be combined with allowCredentials".into(),
-            );
-        }
-        let join = |v: &[String]| {
-            if v.is_empty() {
-                None
-            } else {
-                HeaderValue::from_str(&v.join(", ")).ok()
-            }
-        };
-        let max_age = duration_field(&c.max_age, "spec.cors.maxAge", key, problems)
-            .and_then(|d| HeaderValue::from_str(&d.as_secs().to_string()).ok());
-        CompiledCors {
-            any_origin,
-            origins: c.allow_origins.clone(),
-            allow_methods: join(&c.allow_methods),
-            allow_headers: join(&c.allow_headers),
-            expose_headers: join(&c.expose_headers),
-            max_age,
-            allow_credentials: c.allow_credentials,
-        }
-    });
-
-    let canary_header = spec.canary_header.as_ref().and_then(|h| {
-        HeaderName::from_bytes(h.as_bytes())
-            .map_err(|_| {
-                problems.push(
-                    "AgentRoute",
-                    key,
-                    "spec.canaryHeader",
-                    "Invalid",
-                    "invalid header name".into(),
-                )
-            })
-            .ok()
-    });
-
-    Some(CompiledRoute {
+    Ok(CompiledRoute {
         id: {
             let mut id = String::with_capacity(key.namespace.len() + 1 + key.name.len());
             id.push_str(&key.namespace);
@@ -675,11 +434,11 @@ fn compile_route<'a>(
             id.push_str(&key.name);
             Arc::from(id)
         },
-        namespace,
+        namespace: key.namespace.clone(),
         name: key.name.to_string(),
         hosts,
         prefix,
-        methods: MethodSet { methods, allow },
+        methods,
         headers,
         body_field,
         protocol: spec.protocol,
@@ -709,18 +468,291 @@ fn compile_route<'a>(
     })
 }
 
+/// What `spec.hosts` and `spec.match` compile to.
+struct CompiledMatch {
+    prefix: String,
+    hosts: Vec<HostPattern>,
+    methods: MethodSet,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body_field: Option<(String, Vec<String>)>,
+}
+
+/// `spec.hosts` and `spec.match`: what a request must look like to be this route's.
+fn compile_match(spec: &AgentRouteSpec, out: &mut Vec<RouteProblem>) -> CompiledMatch {
+    let prefix = match normalize_prefix(&spec.match_.path_prefix) {
+        Ok(p) => p,
+        Err(e) => {
+            out.push(RouteProblem::PathPrefix(e));
+            String::new()
+        }
+    };
+    let mut hosts = Vec::new();
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if valid_host(h) {
+            hosts.push(HostPattern::parse(h));
+        } else {
+            out.push(RouteProblem::Host {
+                index: i,
+                host: h.clone(),
+            });
+        }
+    }
+    if hosts.is_empty() {
+        hosts.push(HostPattern::Any);
+    }
+    hosts.dedup();
+
+    let mut methods = Vec::new();
+    for (i, m) in spec.match_.methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            out.push(RouteProblem::Method {
+                index: i,
+                method: m.clone(),
+            });
+        } else if !methods.contains(m) {
+            methods.push(m.clone());
+        }
+    }
+    let allow = if methods.is_empty() {
+        None
+    } else {
+        HeaderValue::from_str(&methods.join(", ")).ok()
+    };
+
+    let mut headers = Vec::new();
+    for (i, h) in spec.match_.headers.iter().enumerate() {
+        match (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => out.push(RouteProblem::MatchHeader { index: i }),
+        }
+    }
+    headers.sort_by(|a, b| {
+        a.0.as_str()
+            .cmp(b.0.as_str())
+            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
+    });
+    let body_field = spec.match_.body_field.as_ref().and_then(|b| {
+        if b.name.is_empty() || b.values.is_empty() {
+            out.push(RouteProblem::BodyField);
+            None
+        } else {
+            let mut values = b.values.clone();
+            values.sort();
+            Some((b.name.clone(), values))
+        }
+    });
+    CompiledMatch {
+        prefix,
+        hosts,
+        methods: MethodSet { methods, allow },
+        headers,
+        body_field,
+    }
+}
+
+/// `spec.timeouts`.
+fn compile_timeouts(spec: &AgentRouteSpec, out: &mut Vec<RouteProblem>) -> CompiledTimeouts {
+    let t = spec.timeouts.clone().unwrap_or_default();
+    CompiledTimeouts {
+        request: duration_field(&t.request, "spec.timeouts.request", out),
+        first_byte: duration_field(&t.first_byte, "spec.timeouts.firstByte", out),
+        idle: duration_field(&t.idle, "spec.timeouts.idle", out),
+    }
+}
+
+/// `spec.retry`.
+fn compile_retry(spec: &AgentRouteSpec, out: &mut Vec<RouteProblem>) -> CompiledRetry {
+    let Some(r) = &spec.retry else {
+        return CompiledRetry::none();
+    };
+    if !(1..=10).contains(&r.attempts) {
+        out.push(RouteProblem::RetryAttempts);
+    }
+    let mut on_status = 0u128;
+    let mut on_connect_failure = false;
+    for on in &r.retry_on {
+        match on {
+            RetryOn::Status(code) => on_status |= 1u128 << (code - 500),
+            RetryOn::ConnectFailure => on_connect_failure = true,
+        }
+    }
+    CompiledRetry {
+        attempts: r.attempts.clamp(1, 10),
+        on_status,
+        on_connect_failure,
+        backoff: duration_field(&r.backoff, "spec.retry.backoff", out).unwrap_or_default(),
+    }
+}
+
+/// `spec.auth`: who may call the route. Nothing in it can be invalid.
+fn compile_auth<'a>(spec: &'a AgentRouteSpec, strings: &mut Interner<'a>) -> CompiledAuth {
+    match &spec.auth {
+        None => CompiledAuth {
+            required: true,
+            roles: Vec::new(),
+            any_namespace: false,
+            allow_namespaces: Vec::new(),
+        },
+        Some(a) => CompiledAuth {
+            required: a.required.unwrap_or(true),
+            roles: a.roles.iter().map(|r| strings.get(r)).collect(),
+            any_namespace: a.allow_namespaces.iter().any(|n| n == "*"),
+            allow_namespaces: a.allow_namespaces.clone(),
+        },
+    }
+}
+
+/// `spec.rateLimit`: the route's own limits, on top of the key's.
+fn compile_rate_limit(
+    spec: &AgentRouteSpec,
+    out: &mut Vec<RouteProblem>,
+) -> Option<CompiledRateLimit> {
+    let r = spec.rate_limit.as_ref()?;
+    if r.requests_per_minute == Some(0) || r.burst == Some(0) || r.tokens_per_minute == Some(0) {
+        out.push(RouteProblem::RateLimitZero);
+    }
+    if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
+        return None;
+    }
+    Some(CompiledRateLimit {
+        requests_per_minute: r.requests_per_minute,
+        burst: r.burst,
+        tokens_per_minute: r.tokens_per_minute,
+    })
+}
+
+/// `spec.rewrite`.
+fn compile_rewrite(spec: &AgentRouteSpec, out: &mut Vec<RouteProblem>) -> Option<String> {
+    let r = spec.rewrite.as_ref()?;
+    match path::normalize(&r.path_prefix) {
+        Ok(n) if n == r.path_prefix => Some(r.path_prefix.clone()),
+        _ => {
+            out.push(RouteProblem::RewritePrefix);
+            None
+        }
+    }
+}
+
+/// `spec.backends`: where the route forwards to, with the `Host` each one is sent.
+fn compile_backends(
+    spec: &AgentRouteSpec,
+    namespace: &Arc<str>,
+    opts: &CompileOptions,
+    out: &mut Vec<RouteProblem>,
+) -> Vec<CompiledBackend> {
+    let mut backends = Vec::new();
+    if spec.backends.is_empty() {
+        out.push(RouteProblem::NoBackends);
+    }
+    for (i, b) in spec.backends.iter().enumerate() {
+        let target = match (&b.service, b.port, &b.url) {
+            (Some(svc), Some(port), None) if port > 0 => Some(BackendTarget::Service {
+                namespace: namespace.clone(),
+                name: Arc::from(svc.as_str()),
+                port,
+            }),
+            (None, None, Some(url)) => match parse_backend_url(url) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    out.push(RouteProblem::BackendUrl { index: i, error: e });
+                    None
+                }
+            },
+            _ => {
+                out.push(RouteProblem::BackendShape { index: i });
+                None
+            }
+        };
+        let Some(target) = target else {
+            continue;
+        };
+        let authority = match &target {
+            BackendTarget::Service {
+                namespace,
+                name,
+                port,
+            } => format!(
+                "{name}.{namespace}.svc.{}:{port}",
+                opts.cluster_domain.trim_end_matches('.')
+            ),
+            BackendTarget::Url { host, port, .. } if host.contains(':') => {
+                format!("[{host}]:{port}")
+            }
+            BackendTarget::Url { host, port, .. } => format!("{host}:{port}"),
+        };
+        let Ok(authority) = HeaderValue::from_str(&authority) else {
+            out.push(RouteProblem::BackendHost { index: i });
+            continue;
+        };
+        backends.push(CompiledBackend {
+            authority,
+            id: Arc::from(target.label().as_str()),
+            target,
+            weight: b.weight.unwrap_or(1),
+            canary: b.canary,
+        });
+    }
+    if !spec.backends.is_empty() && spec.backends.iter().all(|b| b.weight == Some(0)) {
+        out.push(RouteProblem::NoBackendWeight);
+    }
+    backends
+}
+
+/// `spec.cors`: the answers to preflights and the headers added to responses.
+fn compile_cors(c: &Cors, out: &mut Vec<RouteProblem>) -> CompiledCors {
+    let any_origin = c.allow_origins.iter().any(|o| o == "*");
+    if any_origin && c.allow_credentials {
+        out.push(RouteProblem::CorsCredentials);
+    }
+    let join = |v: &[String]| {
+        if v.is_empty() {
+            None
+        } else {
+            HeaderValue::from_str(&v.join(", ")).ok()
+        }
+    };
+    let max_age = duration_field(&c.max_age, "spec.cors.maxAge", out)
+        .and_then(|d| HeaderValue::from_str(&d.as_secs().to_string()).ok());
+    CompiledCors {
+        any_origin,
+        origins: c.allow_origins.clone(),
+        allow_methods: join(&c.allow_methods),
+        allow_headers: join(&c.allow_headers),
+        expose_headers: join(&c.expose_headers),
+        max_age,
+        allow_credentials: c.allow_credentials,
+    }
+}
+
+/// `spec.canaryHeader`.
+fn compile_canary_header(spec: &AgentRouteSpec, out: &mut Vec<RouteProblem>) -> Option<HeaderName> {
+    let h = spec.canary_header.as_ref()?;
+    match HeaderName::from_bytes(h.as_bytes()) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            out.push(RouteProblem::CanaryHeader);
+            None
+        }
+    }
+}
+
 /// Parses `http(s)://host[:port][/base]`.
-pub fn parse_backend_url(url: &str) -> Result<BackendTarget, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("invalid url: {e}"))?;
+fn parse_backend_url(url: &str) -> Result<BackendTarget, UrlProblem> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| UrlProblem::Syntax(e.to_string()))?;
     let https = match uri.scheme_str() {
         Some("http") => false,
         Some("https") => true,
-        _ => return Err("url scheme must be http or https".into()),
+        _ => return Err(UrlProblem::Scheme),
     };
-    let host = uri.host().ok_or("url has no host")?;
+    let host = uri.host().ok_or(UrlProblem::NoHost)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if uri.query().is_some() {
-        return Err("url must not have a query".into());
+        return Err(UrlProblem::Query);
     }
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let base = uri.path().trim_end_matches('/');
@@ -739,13 +771,6 @@ fn compile_keys<'a>(
     reports: &mut Vec<ObjectReport>,
     strings: &mut Interner<'a>,
 ) -> KeyStore {
-    let mut ordered: Vec<(usize, &AgentApiKey)> = store.keys.iter().enumerate().collect();
-    // (time, index) is unique: an unstable sort gives the same order as a stable one.
-    ordered.sort_unstable_by(|(ia, a), (ib, b)| {
-        let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        ta.cmp(&tb).then(ia.cmp(ib))
-    });
     let mut store_out = KeyStore::with_capacity(store.keys.len());
     // One clock reading per compile: every key is judged against the same instant.
     let now = jiff::Timestamp::now().as_second();
@@ -753,7 +778,7 @@ fn compile_keys<'a>(
     // The condition of every ready key, and one role list per distinct list: shared.
     let ready_ok: Arc<[Condition]> = Arc::new([Condition::new("Ready", true, "Ready", "")]);
     let mut role_lists: HashMap<&'a [String], Arc<[Arc<str>]>> = HashMap::new();
-    for (_, k) in ordered {
+    for k in oldest_first(&store.keys) {
         let key = object_key(k, strings);
         let spec = &k.spec;
         let generation = k.metadata.generation;
@@ -776,92 +801,17 @@ fn compile_keys<'a>(
                 backends: Vec::new(),
             }
         };
-        if spec.client_id.is_empty() {
-            problems.push(
-                "AgentApiKey",
-                &key,
-                "spec.clientId",
-                "Invalid",
-                "is required".into(),
-            );
-            reports.push(report(
-                key,
-                false,
-                "Invalid",
-                "spec.clientId is required".into(),
-                None,
-            ));
-            continue;
-        }
-        let expires_at = match &spec.expires_at {
-            None => None,
-            Some(t) => match t.parse::<jiff::Timestamp>() {
-                Ok(ts) => Some(ts.as_second()),
-                Err(e) => {
-                    let msg = format!("not an RFC 3339 time: {e}");
-                    problems.push(
-                        "AgentApiKey",
-                        &key,
-                        "spec.expiresAt",
-                        "Invalid",
-                        msg.clone(),
-                    );
-                    reports.push(report(key, false, "Invalid", msg, None));
-                    continue;
-                }
-            },
-        };
-        let digest = match (&spec.secret_ref, &spec.key_hash) {
-            (Some(r), None) => {
-                let skey = ObjectKey::new(&key.namespace, &r.name);
-                match store
-                    .secrets
-                    .get(&skey)
-                    .and_then(|s| secret_value(s, &r.key))
-                {
-                    Some(bytes) => {
-                        let trimmed = bytes.trim_ascii();
-                        if trimmed.is_empty() {
-                            let msg = format!("Secret {} key {} is empty", r.name, r.key);
-                            problems.push(
-                                "AgentApiKey",
-                                &key,
-                                "spec.secretRef",
-                                "SecretNotFound",
-                                msg.clone(),
-                            );
-                            reports.push(report(key, false, "SecretNotFound", msg, None));
-                            continue;
-                        }
-                        keys::digest(trimmed)
-                    }
-                    None => {
-                        let msg = format!("Secret {} with key {} not found", r.name, r.key);
-                        problems.push(
-                            "AgentApiKey",
-                            &key,
-                            "spec.secretRef",
-                            "SecretNotFound",
-                            msg.clone(),
-                        );
-                        reports.push(report(key, false, "SecretNotFound", msg, None));
-                        continue;
-                    }
-                }
-            }
-            (None, Some(h)) => match keys::parse_key_hash(h) {
-                Some(d) => d,
-                None => {
-                    let msg = "must be sha256: followed by 64 lower-case hex digits".to_string();
-                    problems.push("AgentApiKey", &key, "spec.keyHash", "Invalid", msg.clone());
-                    reports.push(report(key, false, "Invalid", msg, None));
-                    continue;
-                }
-            },
-            _ => {
-                let msg = "set exactly one of secretRef and keyHash".to_string();
-                problems.push("AgentApiKey", &key, "spec", "Invalid", msg.clone());
-                reports.push(report(key, false, "Invalid", msg, None));
+        let (digest, expires_at) = match key_secret(store, &key, spec) {
+            Ok(found) => found,
+            Err(p) => {
+                problems.key(&key, &p);
+                reports.push(report(
+                    key,
+                    false,
+                    p.reason().as_str(),
+                    p.condition_message(),
+                    None,
+                ));
                 continue;
             }
         };
@@ -878,9 +828,11 @@ fn compile_keys<'a>(
         }
         // The key table answers who owns a digest: its entry's id is the owner's `namespace/name`.
         if let Some(owner) = store_out.get(&digest) {
-            let msg = format!("the same key is already defined by {}", owner.id);
-            problems.push("AgentApiKey", &key, "spec", "Conflicted", msg.clone());
-            reports.push(report(key, false, "Conflicted", msg, Some(fp)));
+            let p = KeyProblem::Duplicate {
+                owner: owner.id.clone(),
+            };
+            problems.key(&key, &p);
+            reports.push(report(key, false, "Conflicted", p.to_string(), Some(fp)));
             continue;
         }
         let rl = spec.rate_limit.clone().unwrap_or_default();
@@ -919,4 +871,172 @@ fn compile_keys<'a>(
         }
     }
     store_out
+}
+
+/// What a key's spec says on its own: the digest of its secret (from the Secret or the hash)
+/// and when it expires (Unix seconds). Checked in the order of the fields.
+fn key_secret(
+    store: &Store,
+    key: &ObjectKey,
+    spec: &AgentApiKeySpec,
+) -> Result<(KeyDigest, Option<i64>), KeyProblem> {
+    if spec.client_id.is_empty() {
+        return Err(KeyProblem::ClientIdRequired);
+    }
+    let expires_at = match &spec.expires_at {
+        None => None,
+        Some(t) => Some(
+            t.parse::<jiff::Timestamp>()
+                .map_err(|e| KeyProblem::ExpiresAt(e.to_string()))?
+                .as_second(),
+        ),
+    };
+    let digest = match (&spec.secret_ref, &spec.key_hash) {
+        (Some(r), None) => {
+            let skey = ObjectKey::new(&key.namespace, &r.name);
+            let named = || (r.name.clone(), r.key.clone());
+            let Some(bytes) = store
+                .secrets
+                .get(&skey)
+                .and_then(|s| secret_value(s, &r.key))
+            else {
+                let (name, key) = named();
+                return Err(KeyProblem::SecretNotFound { name, key });
+            };
+            let trimmed = bytes.trim_ascii();
+            if trimmed.is_empty() {
+                let (name, key) = named();
+                return Err(KeyProblem::SecretEmpty { name, key });
+            }
+            keys::digest(trimmed)
+        }
+        (None, Some(h)) => keys::parse_key_hash(h).ok_or(KeyProblem::KeyHash)?,
+        _ => return Err(KeyProblem::SecretSource),
+    };
+    Ok((digest, expires_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::fixtures::{api_key, RouteBuilder};
+    use crate::api::{RetryPolicy, RouteTls, Timeouts};
+
+    fn route_problems(route: &AgentRoute) -> Vec<RouteProblem> {
+        let key = ObjectKey::new("default", route.metadata.name.as_deref().unwrap_or(""));
+        let mut strings = Interner::default();
+        match compile_route(route, &key, &CompileOptions::default(), &mut strings) {
+            Ok(_) => Vec::new(),
+            Err(found) => found,
+        }
+    }
+
+    #[test]
+    fn each_broken_section_is_its_own_typed_problem_in_spec_order() {
+        let mut r = RouteBuilder::new("r")
+            .prefix("api")
+            .host("Upper.example")
+            .methods(&["get"])
+            .url("ftp://nope")
+            .build();
+        r.spec.timeouts = Some(Timeouts {
+            request: Some("10 parsecs".into()),
+            ..Default::default()
+        });
+        r.spec.retry = Some(RetryPolicy {
+            attempts: 11,
+            retry_on: Vec::new(),
+            backoff: None,
+        });
+        let found = route_problems(&r);
+        assert!(
+            matches!(
+                found.as_slice(),
+                [
+                    RouteProblem::PathPrefix(PrefixProblem::NotAbsolute),
+                    RouteProblem::Host { index: 0, .. },
+                    RouteProblem::Method { index: 0, .. },
+                    RouteProblem::Duration {
+                        field: "spec.timeouts.request",
+                        ..
+                    },
+                    RouteProblem::RetryAttempts,
+                    RouteProblem::BackendUrl {
+                        index: 0,
+                        error: UrlProblem::Scheme
+                    },
+                ]
+            ),
+            "{found:?}"
+        );
+        assert!(found.iter().all(|p| p.reason() == Reason::Invalid));
+        assert_eq!(found[5].field(), "spec.backends[0].url");
+        assert_eq!(found[5].to_string(), "url scheme must be http or https");
+        assert_eq!(found[1].field(), "spec.hosts[0]");
+    }
+
+    #[test]
+    fn unresolved_references_are_typed_with_their_condition_reason() {
+        let mut store = Store {
+            services: Some(Default::default()),
+            ..Default::default()
+        };
+        let mut r = RouteBuilder::new("r").backend("llm", 80, 1).build();
+        r.spec.tls = Some(RouteTls {
+            secret_name: "cert".into(),
+        });
+        store.routes.push(r);
+        let s = compile(&store, &CompileOptions::default());
+        let got: Vec<(&str, &str, &str)> = s
+            .problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.reason.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("spec.backends", "BackendNotFound", "Service not found: llm"),
+                (
+                    "spec.tls.secretName",
+                    "SecretNotFound",
+                    "TLS Secret not found"
+                ),
+            ]
+        );
+        // The route is served; its ResolvedRefs names the last reference that failed.
+        let c = &s.reports[0].conditions;
+        assert_eq!(
+            (c[0].reason.as_str(), c[1].reason.as_str()),
+            ("Accepted", "SecretNotFound")
+        );
+    }
+
+    #[test]
+    fn key_problems_are_typed_and_keep_their_condition_text() {
+        let store = Store::default();
+        let mut k = api_key("k", "agents", "", "secret", &[]);
+        assert_eq!(
+            key_secret(&store, &ObjectKey::new("agents", "k"), &k.spec),
+            Err(KeyProblem::ClientIdRequired)
+        );
+        assert_eq!(
+            KeyProblem::ClientIdRequired.condition_message(),
+            "spec.clientId is required"
+        );
+        k.spec.client_id = "c".into();
+        k.spec.key_hash = Some("md5:abc".into());
+        assert_eq!(
+            key_secret(&store, &ObjectKey::new("agents", "k"), &k.spec),
+            Err(KeyProblem::KeyHash)
+        );
+        k.spec.key_hash = None;
+        assert_eq!(
+            key_secret(&store, &ObjectKey::new("agents", "k"), &k.spec),
+            Err(KeyProblem::SecretSource)
+        );
+        let dup = KeyProblem::Duplicate {
+            owner: Arc::from("agents/old"),
+        };
+        assert_eq!((dup.field(), dup.reason()), ("spec", Reason::Conflicted));
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod path;
+pub mod problem;
 pub mod route;
 pub mod table;
 pub mod tls;

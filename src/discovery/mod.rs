@@ -1,5 +1,7 @@
-//! Endpoint discovery: turns backend names into swapped `balance::EndpointSet`s (DNS here).
-//! Owns the refresh tasks; never sees kube, config or route types, and never picks endpoints.
+//! Endpoint discovery: turns backend targets (a Service port, a host and port) into swapped
+//! `balance::EndpointSet`s, from DNS or from the EndpointSlices the Kubernetes source feeds in.
+//! Owns the DNS refresh tasks; never sees kube, config or route types (callers convert a route's
+//! backend into a [`Target`]), and never picks endpoints.
 
 pub mod dns;
 pub mod endpointslices;
@@ -7,7 +9,7 @@ pub mod resolver;
 
 pub use dns::{DnsConfig, DnsDiscovery, DnsWatch, WatchStatus};
 pub use endpointslices::SliceEndpoints;
-pub use resolver::{DiscoveryMode, EndpointHandle, Resolver};
+pub use resolver::{DiscoveryMode, EndpointHandle, Resolver, Target};
 
 /// What can go wrong when setting up discovery. Lookup failures at run time are not errors
 /// here: the watch keeps its last good answer and reports them in [`WatchStatus`].

@@ -1,5 +1,6 @@
-//! Turns a route's backend target into the handle of its swapped endpoint set: EndpointSlices
-//! or DNS for Services, DNS for `url` hosts, a fixed set for IP literals. Used at attach time.
+//! Turns a backend [`Target`] into the handle of its swapped endpoint set: EndpointSlices or DNS
+//! for Services, DNS for hosts, a fixed set for IP literals. Used at attach time; the caller
+//! (`app::attach_endpoints`) converts a route's backend into a `Target`.
 
 use std::sync::Arc;
 
@@ -9,7 +10,19 @@ use super::dns::{DnsDiscovery, DnsWatch};
 use super::endpointslices::SliceEndpoints;
 use super::{service_fqdn, DiscoveryError};
 use crate::balance::endpoints::{EndpointRegistry, EndpointSet};
-use crate::config::route::BackendTarget;
+
+/// What to discover, as discovery sees it: a Service port or a host and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// A Kubernetes Service port.
+    Service {
+        namespace: &'a str,
+        name: &'a str,
+        port: u16,
+    },
+    /// A DNS name or an IP literal (bracketed or not) and a port.
+    Host { host: &'a str, port: u16 },
+}
 
 /// How Service backends are discovered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -76,50 +89,29 @@ impl Resolver {
         &self.registry
     }
 
-    /// The logical authority of a target (`Host` header toward the backend).
-    pub fn authority(&self, target: &BackendTarget) -> String {
-        match target {
-            BackendTarget::Service {
-                namespace,
-                name,
-                port,
-            } => format!(
-                "{name}.{namespace}.svc.{}:{port}",
-                self.cluster_domain.trim_end_matches('.')
-            ),
-            BackendTarget::Url { host, port, .. } => {
-                if host.contains(':') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                }
-            }
-        }
-    }
-
     /// The endpoint handle of a target.
-    pub fn handle(&self, target: &BackendTarget) -> Result<EndpointHandle, DiscoveryError> {
+    pub fn handle(&self, target: Target<'_>) -> Result<EndpointHandle, DiscoveryError> {
         match target {
-            BackendTarget::Service {
+            Target::Service {
                 namespace,
                 name,
                 port,
             } => match (&self.slices, self.mode) {
                 (Some(slices), DiscoveryMode::Endpointslices) => Ok(EndpointHandle {
-                    set: slices.handle(&(namespace.to_string(), name.to_string(), *port)),
+                    set: slices.handle(&(namespace.to_string(), name.to_string(), port)),
                     _watch: None,
                 }),
                 _ => {
                     let fqdn = service_fqdn(name, namespace, &self.cluster_domain);
-                    let watch = self.dns.watch(&fqdn, *port)?;
+                    let watch = self.dns.watch(&fqdn, port)?;
                     Ok(EndpointHandle {
                         set: watch.endpoints().clone(),
                         _watch: Some(watch),
                     })
                 }
             },
-            BackendTarget::Url { host, port, .. } => {
-                let watch = self.dns.watch(host, *port)?;
+            Target::Host { host, port } => {
+                let watch = self.dns.watch(host, port)?;
                 Ok(EndpointHandle {
                     set: watch.endpoints().clone(),
                     _watch: Some(watch),
