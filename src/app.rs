@@ -258,7 +258,7 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
         )));
     }
     let background = vec![
-        tokio::spawn(crate::telemetry::admin::serve(gw.clone(), admin)),
+        tokio::spawn(crate::admin::serve(gw.clone(), admin)),
         sweeper,
         tokio::spawn(report_endpoints_ready_every(
             gw.clone(),

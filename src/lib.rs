@@ -1,7 +1,9 @@
 //! Tollgate: a Kubernetes ingress controller and API gateway for AI-agent microservices.
 //! One crate: sources gather objects, `config::compile` builds a Snapshot, `proxy` serves it.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -4,7 +4,11 @@
 mod duration;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+// kube's `KubeSchema` derive (x_kube validation rules) emits `pub` helper items inside these
+// private modules, which `unreachable_pub` flags; their public types are re-exported below.
+#[allow(unreachable_pub)]
 mod key;
+#[allow(unreachable_pub)]
 mod route;
 mod status;
 

@@ -1,8 +1,7 @@
-//! Metrics, logging and the admin server (`/metrics`, `/healthz`, `/readyz`, `/debug/routes`).
+//! Metrics, logging and the access log format; the admin server that serves them is `crate::admin`.
 //! Reads snapshots; never changes configuration.
 
 pub mod access_format;
-pub mod admin;
 pub mod logging;
 pub mod metrics;
 

@@ -1,5 +1,7 @@
-//! The admin server: `/metrics`, `/healthz`, `/readyz`, `/debug/routes`, `/debug/problems`.
+//! The admin server: `/metrics`, `/healthz` (`/livez`), `/readyz` and `/debug/routes`.
 //! Read-only; `/debug` output holds no key material (only client ids and fingerprints).
+//! A wiring module beside `app`: it reads the proxy's [`Gateway`] and telemetry's registry,
+//! so neither of those imports the other.
 
 use std::convert::Infallible;
 use std::sync::Arc;
