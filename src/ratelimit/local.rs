@@ -21,17 +21,16 @@
 //! A `per_minute` or `burst` of 0 is treated as 1 (the API refuses 0). When a bucket's
 //! `per_minute` or `burst` changes, its tokens carry over (capped at the new `burst`), so editing a
 //! route resets no one. Buckets that are full again hold no information and are dropped by
-//! [`LocalLimiter::sweep`].
+//! [`LocalLimiter::sweep`], which `RateLimiter::spawn_sweeper` runs (the gateway starts it).
 
 use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
-use super::{Clock, Decision, Nanos, RateInfo};
+use super::{Decision, Nanos, RateInfo};
 
 /// Units per token: a bucket gains `per_minute` units per nanosecond, i.e. `per_minute` tokens
 /// per 60 × 10⁹ ns.
@@ -669,27 +668,6 @@ impl LocalLimiter {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Runs [`LocalLimiter::sweep`] on `clock` every `every` until the limiter is dropped.
-    pub fn spawn_sweeper(
-        self: &Arc<Self>,
-        clock: Clock,
-        every: Duration,
-    ) -> tokio::task::JoinHandle<()> {
-        let weak: Weak<Self> = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                let Some(limiter) = weak.upgrade() else {
-                    return;
-                };
-                limiter.sweep(clock.now());
-            }
-        })
-    }
 }
 
 #[cfg(test)]
@@ -982,26 +960,6 @@ mod tests {
             }
         });
         assert_eq!(admitted.into_inner(), 1_000);
-    }
-
-    #[tokio::test]
-    async fn sweeper_task_evicts_and_stops() {
-        let limiter = Arc::new(LocalLimiter::new());
-        let clock = Clock::manual();
-        assert!(limiter
-            .check_at(&[spec("c", None, 60, 1)], clock.now())
-            .is_allowed());
-        clock.advance(Duration::from_secs(1));
-        let task = limiter.spawn_sweeper(clock, Duration::from_millis(2));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !limiter.is_empty() && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        assert!(limiter.is_empty());
-        drop(limiter);
-        assert!(tokio::time::timeout(Duration::from_secs(2), task)
-            .await
-            .is_ok());
     }
 
     #[test]
