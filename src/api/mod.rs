@@ -1,5 +1,6 @@
 //! The custom resources Tollgate serves: `AgentRoute` and `AgentApiKey` (`tollgate.dev/v1alpha1`).
-//! Types, schemas and the CEL rules the API server enforces; no behaviour lives here.
+//! Types, schemas, the CEL rules the API server enforces and the duration syntax they share; no
+//! gateway behaviour lives here. `fixtures` (unit tests and dev builds only) builds objects.
 
 mod duration;
 #[cfg(any(test, feature = "fixtures"))]

@@ -1,5 +1,7 @@
-//! The configuration core: the `Store` of latest objects, the pure `compile()` to a `Snapshot`,
-//! and the route table. Never sees `kube::Client`, files or sockets: sources feed it, the proxy reads it.
+//! The configuration core: the `Store` of latest objects, the pure `compile()` to a `Snapshot`
+//! (route table, key table, TLS certificates, per-object reports and typed problems), and the
+//! path normalisation the matcher and the proxy share. Never sees `kube::Client`, files or
+//! sockets: sources feed it, `app` attaches discovery's endpoint sets, the proxy reads it.
 
 pub mod compile;
 pub mod path;

@@ -1,7 +1,7 @@
 //! Request-path normalisation: the one form that is both matched and forwarded.
 //! Pure string work; knows nothing of routes.
 //!
-//! The rules (documented in the README, "Path normalisation"):
+//! The rules (the user documentation repeats them under "Path normalisation"):
 //! - the path must start with `/`;
 //! - `%XX` escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, other escapes are
 //!   kept with upper-case hex, and an escaped `/`, `\` or NUL (`%2F`, `%5C`, `%00`) is refused, so a

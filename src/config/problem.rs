@@ -1,7 +1,7 @@
 //! What `compile()` finds wrong with one object, as data: a variant per problem, each knowing the
-//! field at fault, its bounded [`Reason`] and its message. compile renders
-//! them into the [`Problem`](super::Problem) records that status, `tollgate check` and the logs
-//! read, so the text there is the text of the `#[error]` attributes below.
+//! field at fault, its bounded [`Reason`] and its message. `compile` renders them into the
+//! [`Problem`](super::Problem) records that status, `tollgate check` and the logs read, so the
+//! text there is the text of the `#[error]` attributes below.
 
 use std::borrow::Cow;
 use std::sync::Arc;
