@@ -16,6 +16,8 @@ use kube::Api;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use support::k8s::*;
+use support::metrics::metric_sum;
+use support::process::GatewayProcess;
 use tollgate::sources::kubernetes::leader::LeaseTiming;
 
 /// Bound of an ordinary test here (the control plane may still be starting).
@@ -501,6 +503,129 @@ async fn two_gateways_serve_and_exactly_one_writes_status() {
     .await
 }
 
+/// Lease timing for tests that watch leadership move: seconds, not the default 15 s.
+fn short_lease() -> LeaseTiming {
+    LeaseTiming {
+        duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        renew_every: Duration::from_millis(500),
+        retry_every: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
+async fn admin_text(http: &reqwest::Client, url: String) -> String {
+    get(http, &url, None).await.1
+}
+
+/// Issue 12 defect 1: with only a kubeconfig (no --lease-namespace, no POD_NAMESPACE) the Lease
+/// lives in the context's namespace, so a cluster without `tollgate-system` still gets status;
+/// leadership shows as `tollgate_leader` and in `/debug`; a Lease namespace that does not exist
+/// is reported once at ERROR with the flag that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_flags_the_lease_lives_in_the_context_namespace_and_leadership_is_visible() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "ctxns").await;
+        let kubeconfig = cp.admin_in_namespace(&ns);
+        let backend = Echo::start("chat").await;
+        let mut opts_a = kube_options(&kubeconfig, &ns, "gw-a");
+        let mut opts_b = kube_options(&kubeconfig, &ns, "gw-b");
+        for o in [&mut opts_a, &mut opts_b] {
+            o.lease_namespace = None;
+            o.lease_name = "tollgate-default".into();
+            o.lease = short_lease();
+        }
+        let a = gateway(&serve_options(), &opts_a).await;
+        let b = gateway(&serve_options(), &opts_b).await;
+        let (ka, kb) = (a.kubernetes.clone().unwrap(), b.kubernetes.clone().unwrap());
+        eventually(SERVED, "one leader", || async {
+            (ka.is_leader() != kb.is_leader()).then_some(())
+        })
+        .await;
+        assert_eq!(ka.lease(), format!("{ns}/tollgate-default"));
+        let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get("tollgate-default")
+            .await
+            .expect("the Lease is in the kubeconfig context's namespace");
+        assert!(lease.spec.and_then(|s| s.holder_identity).is_some());
+        apply(
+            &admin,
+            route(
+                &ns,
+                "chat",
+                json!({"match": {"pathPrefix": "/chat"}, "auth": {"required": false},
+                "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        eventually(SERVED, "status written", || async {
+            let s = route_status(&admin, &ns, "chat").await?;
+            (condition(&s, "Accepted")?.0 == "True").then_some(())
+        })
+        .await;
+        let (leader_gw, follower_gw) = if ka.is_leader() { (&a, &b) } else { (&b, &a) };
+        let http = http();
+        for (gw, want) in [(leader_gw, 1.0), (follower_gw, 0.0)] {
+            let metrics = admin_text(&http, format!("http://{}/metrics", gw.admin_listen)).await;
+            assert_eq!(metric_sum(&metrics, "tollgate_leader"), want, "{metrics}");
+            let debug: serde_json::Value = serde_json::from_str(
+                &admin_text(&http, format!("http://{}/debug", gw.admin_listen)).await,
+            )
+            .expect("/debug is JSON");
+            assert_eq!(
+                debug["source"]["kubernetes"]["leader"],
+                want == 1.0,
+                "{debug}"
+            );
+            assert_eq!(
+                debug["source"]["kubernetes"]["lease"],
+                format!("{ns}/tollgate-default")
+            );
+        }
+
+        // A Lease namespace that does not exist: one ERROR naming the flag, not one per retry.
+        let kc = kubeconfig.to_string_lossy().into_owned();
+        let p = GatewayProcess::run(
+            &[
+                "--kubeconfig",
+                &kc,
+                "--watch-namespace",
+                &ns,
+                "--lease-namespace",
+                "no-such-namespace",
+                "--lease-duration",
+                "2s",
+                "--lease-renew-deadline",
+                "1s",
+                "--lease-renew-period",
+                "300ms",
+            ],
+            &[],
+            Duration::from_secs(20),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let errors: Vec<_> = p
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["level"] == "ERROR")
+            .collect();
+        assert_eq!(errors.len(), 1, "exactly one ERROR: {}", p.output());
+        let msg = errors[0]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("cannot lead") && msg.contains("--lease-namespace"),
+            "{msg}"
+        );
+        assert_eq!(p.metric("tollgate_leader").await, 0.0);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await
+}
+
 /// On shutdown the leader hands the Lease over (`tollgate run` does this on SIGTERM): with the
 /// default 15 s lease, the other replica still leads within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -768,7 +893,7 @@ async fn the_namespaced_role_is_enough_for_watch_namespace() {
 
         let backend = Echo::start("chat").await;
         let mut opts = kube_options(&kubeconfig, &ns, "gw");
-        opts.lease_namespace = "tollgate-system".into();
+        opts.lease_namespace = Some("tollgate-system".into());
         opts.lease_name = format!("ns-{ns}");
         let gw = gateway(&serve_options(), &opts).await;
         apply(

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub endpoints_ready: IntGaugeVec,
     pub ratelimit_fallbacks_total: IntCounter,
     pub ext_auth_overloaded_total: IntCounter,
+    pub leader: IntGauge,
     pub client_requests_total: Option<IntCounterVec>,
     pub compile_seconds: Histogram,
 }
@@ -89,6 +90,11 @@ impl Metrics {
              service, because --ext-auth-max-concurrent calls were in flight",
         )?;
         registry.register(Box::new(ext_auth_overloaded_total.clone()))?;
+        let leader = IntGauge::new(
+            "tollgate_leader",
+            "1 while this replica holds the status Lease and writes status (tollgate run)",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
         let client_requests_total = if per_client {
             Some(counter(
                 "tollgate_client_requests_total",
@@ -149,6 +155,7 @@ impl Metrics {
             )?,
             ratelimit_fallbacks_total,
             ext_auth_overloaded_total,
+            leader,
             client_requests_total,
             compile_seconds,
             registry,

@@ -196,6 +196,32 @@ async fn try_once(
     }
 }
 
+/// Why the API server refused a Lease request, in words that name the fix; `None`: not a
+/// refusal (the API server is away or overloaded: retried quietly, reported as an outage).
+pub fn refusal(e: &kube::Error, namespace: &str, name: &str) -> Option<String> {
+    let kube::Error::Api(s) = e else {
+        return None;
+    };
+    Some(match s.code {
+        404 => format!(
+            "namespace {namespace} does not exist, so Lease {namespace}/{name} cannot be \
+             created; pass --lease-namespace with an existing namespace (or create {namespace})"
+        ),
+        403 => format!(
+            "not allowed to get/create/update Lease {namespace}/{name}: {}; bind the gateway's \
+             identity to manifests/rbac/leader-election.yaml in {namespace}, or pass \
+             --lease-namespace with a namespace where it may",
+            s.message
+        ),
+        c if c >= 500 || c == 429 => return None,
+        c => format!(
+            "Lease {namespace}/{name} refused ({c}): {}; check --lease-namespace and \
+             --lease-name",
+            s.message
+        ),
+    })
+}
+
 /// Campaigns for and renews the Lease for the life of the process. `on_gain` is bumped when
 /// this replica becomes leader (so status is written at once).
 pub async fn run(
@@ -205,10 +231,14 @@ pub async fn run(
     timing: LeaseTiming,
     state: Arc<LeaderState>,
     on_gain: Arc<watch::Sender<u64>>,
+    gauge: prometheus::IntGauge,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut observer = Observer::default();
     let mut failing = false;
+    // The refusal last reported at ERROR: said once, again only when it changes or after a
+    // recovery, never on every retry.
+    let mut refused: Option<String> = None;
     let mut leading = false;
     loop {
         if state.stopped.load(std::sync::atomic::Ordering::Acquire) {
@@ -226,6 +256,10 @@ pub async fn run(
         match round {
             Ok(Ok(lead)) => {
                 failing = false;
+                if refused.take().is_some() {
+                    tracing::info!(lease = %format!("{namespace}/{name}"),
+                        "the Lease is usable again: leader election resumed");
+                }
                 let until = lead.then(|| started + timing.renew_deadline);
                 if state.set(until) {
                     if lead {
@@ -238,7 +272,13 @@ pub async fn run(
                 }
             }
             Ok(Err(e)) => {
-                if !failing {
+                if let Some(reason) = refusal(&e, &namespace, &name) {
+                    if refused.as_deref() != Some(reason.as_str()) {
+                        tracing::error!(lease = %format!("{namespace}/{name}"), identity = %state.identity,
+                            "this replica cannot lead, so no status is written: {reason}");
+                        refused = Some(reason);
+                    }
+                } else if !failing {
                     tracing::warn!(lease = %format!("{namespace}/{name}"), error = %e,
                         "lease renewal failed; will retry");
                 }
@@ -254,6 +294,7 @@ pub async fn run(
         // A leader that cannot renew stops believing it leads once its renew deadline passes
         // (`is_leader` checks the clock), before anyone else may take over.
         let now_leading = state.is_leader();
+        gauge.set(i64::from(now_leading));
         if leading && !now_leading && failing {
             tracing::warn!("lost leadership: the lease could not be renewed in time");
         }
@@ -277,12 +318,14 @@ pub async fn release(
     name: &str,
     timing: &LeaseTiming,
     state: &LeaderState,
+    gauge: &prometheus::IntGauge,
 ) {
     state
         .stopped
         .store(true, std::sync::atomic::Ordering::Release);
     let was_leader = state.is_leader();
     state.set(None);
+    gauge.set(0);
     if !was_leader {
         return;
     }
