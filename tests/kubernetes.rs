@@ -402,46 +402,81 @@ async fn endpoint_slices_set_ready_counts_without_recompiling_routes() {
     .await
 }
 
+/// Two `tollgate run` processes: both serve, exactly one writes status. Then the leader is
+/// SIGKILLed (no release, as a crashed node) and the takeover is measured: from the kill to the
+/// survivor's status for a spec change made at the kill. Bound: the Lease must first expire
+/// (duration, counted from the survivor's last sight of a renewal), plus one look and a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_serve_and_exactly_one_writes_status() {
+async fn two_gateway_processes_one_writes_status_and_the_survivor_takes_over_after_sigkill() {
     // Outside the time bound: the first test may have to build the tools (minutes, cold).
     let cp = shared();
     bounded(LIMIT, async {
         let admin = cp.admin().await;
         let ns = namespace(&admin, "leader").await;
         let backend = Echo::start("chat").await;
-        // Short lease times keep the failover part of this test quick.
-        let timing = LeaseTiming {
-            duration: Duration::from_secs(3),
-            renew_deadline: Duration::from_secs(2),
-            renew_every: Duration::from_millis(500),
-            retry_every: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(2),
+        let (duration, renew_period) = (Duration::from_secs(3), Duration::from_millis(500));
+        let kc = cp.admin_kubeconfig().to_string_lossy().into_owned();
+        let duration_flag = format!("{}s", duration.as_secs());
+        let period_flag = format!("{}ms", renew_period.as_millis());
+        let start = |identity: &'static str| {
+            let (kc, ns, duration_flag, period_flag) = (
+                kc.clone(),
+                ns.clone(),
+                duration_flag.clone(),
+                period_flag.clone(),
+            );
+            async move {
+                GatewayProcess::start_args(
+                    &[
+                        "run",
+                        "--kubeconfig",
+                        &kc,
+                        "--watch-namespace",
+                        &ns,
+                        "--lease-namespace",
+                        &ns,
+                        "--lease-name",
+                        "tollgate",
+                        "--lease-duration",
+                        &duration_flag,
+                        "--lease-renew-deadline",
+                        "2s",
+                        "--lease-renew-period",
+                        &period_flag,
+                    ],
+                    &[("POD_NAME", identity)],
+                    Duration::from_secs(20),
+                )
+                .await
+            }
         };
-        let mut opts_a = kube_options(&cp.admin_kubeconfig(), &ns, "gw-a");
-        opts_a.lease = timing;
-        let mut opts_b = kube_options(&cp.admin_kubeconfig(), &ns, "gw-b");
-        opts_b.lease = timing;
-        let a = gateway(&serve_options(), &opts_a).await;
-        let b = gateway(&serve_options(), &opts_b).await;
-        let (ka, kb) = (a.kubernetes.clone().unwrap(), b.kubernetes.clone().unwrap());
+        let a = start("gw-a").await;
+        let b = start("gw-b").await;
+        let http = http();
+        let debug = |p: &GatewayProcess| {
+            let (http, url) = (http.clone(), p.admin_url("/debug"));
+            async move {
+                let text = admin_text(&http, url).await;
+                serde_json::from_str::<serde_json::Value>(&text).expect("/debug is JSON")["source"]
+                    ["kubernetes"]
+                    .clone()
+            }
+        };
         eventually(SERVED, "one leader", || async {
-            (ka.is_leader() != kb.is_leader()).then_some(())
+            let (la, lb) = (
+                a.metric("tollgate_leader").await,
+                b.metric("tollgate_leader").await,
+            );
+            (la + lb == 1.0).then_some(())
         })
         .await;
-        apply(
-            &admin,
-            route(
-                &ns,
-                "chat",
-                json!({"match": {"pathPrefix": "/chat"}, "auth": {"required": false},
-                "backends": [{"url": backend.url()}]}),
-            ),
-        )
-        .await;
-        let http = http();
-        for gw in [&a, &b] {
-            let url = format!("{}/chat", base(gw));
+        let spec = |prefix: &str| {
+            json!({"match": {"pathPrefix": prefix}, "auth": {"required": false},
+                   "backends": [{"url": backend.url()}]})
+        };
+        apply(&admin, route(&ns, "chat", spec("/chat"))).await;
+        for p in [&a, &b] {
+            let url = p.url("/chat");
             eventually(SERVED, "both replicas serve", || async {
                 (get(&http, &url, None).await.0 == 200).then_some(())
             })
@@ -454,51 +489,69 @@ async fn two_gateways_serve_and_exactly_one_writes_status() {
         .await;
         // Give a second writer every chance to show itself.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(ka.is_leader() != kb.is_leader(), "exactly one leader");
-        let (leader, follower, leader_gw, follower_gw) = if ka.is_leader() {
-            (ka.clone(), kb.clone(), a, b)
+        let (da, db) = (debug(&a).await, debug(&b).await);
+        assert!(
+            da["leader"] != db["leader"],
+            "exactly one leader: {da} {db}"
+        );
+        let (leader, follower, dl, df) = if da["leader"] == true {
+            (a, b, da, db)
         } else {
-            (kb.clone(), ka.clone(), b, a)
+            (b, a, db, da)
         };
-        assert!(leader.status_writes() >= 1, "the leader wrote status");
+        assert!(
+            dl["statusWrites"].as_u64() >= Some(1),
+            "the leader wrote status: {dl}"
+        );
         assert_eq!(
-            follower.status_writes(),
-            0,
-            "the follower never writes status"
+            df["statusWrites"], 0,
+            "the follower never writes status: {df}"
         );
         let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
             .get("tollgate")
             .await
             .unwrap();
         assert_eq!(
-            lease.spec.and_then(|s| s.holder_identity).as_deref(),
-            Some(leader.identity())
+            lease.spec.and_then(|s| s.holder_identity),
+            dl["identity"].as_str().map(String::from)
         );
 
-        // Failover: the leader goes away; the other takes the Lease and writes the next status.
-        leader_gw.shutdown().await;
+        // Failover: SIGKILL, so nothing is released; change the spec at once.
+        leader.sigkill();
+        let killed = Instant::now();
+        apply(&admin, route(&ns, "chat", spec("/chat2"))).await;
+        let bound = duration + 2 * renew_period + Duration::from_secs(2);
         eventually(
-            Duration::from_secs(10),
-            "the follower takes over",
-            || async { follower.is_leader().then_some(()) },
+            bound + Duration::from_secs(5),
+            "the survivor writes status",
+            || async {
+                let s = route_status(&admin, &ns, "chat").await?;
+                (s["observedGeneration"] == 2).then_some(())
+            },
         )
         .await;
-        apply(
-            &admin,
-            route(
-                &ns,
-                "chat",
-                json!({"match": {"pathPrefix": "/chat2"}, "auth": {"required": false},
-                "backends": [{"url": backend.url()}]}),
-            ),
-        )
-        .await;
-        eventually(SERVED, "the new leader writes status", || async {
-            let s = route_status(&admin, &ns, "chat").await?;
-            (s["observedGeneration"] == 2 && follower.status_writes() >= 1).then_some(())
-        })
-        .await;
-        follower_gw.shutdown().await;
+        let takeover = killed.elapsed();
+        eprintln!(
+            "takeover after SIGKILL of the leader: {:.2} s until the survivor wrote status \
+             (lease duration {} s, renew period {} ms, bound {:.1} s)",
+            takeover.as_secs_f64(),
+            duration.as_secs(),
+            renew_period.as_millis(),
+            bound.as_secs_f64()
+        );
+        assert!(
+            takeover <= bound,
+            "takeover took {takeover:?}, bound {bound:?}"
+        );
+        assert!(
+            takeover >= duration.saturating_sub(renew_period + Duration::from_millis(200)),
+            "no takeover before the Lease expired: {takeover:?}"
+        );
+        let df = debug(&follower).await;
+        assert_eq!(df["leader"], true, "{df}");
+        assert!(df["statusWrites"].as_u64() >= Some(1), "{df}");
+        assert_eq!(follower.metric("tollgate_leader").await, 1.0);
+        drop(leader);
     })
     .await
 }
