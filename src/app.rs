@@ -487,6 +487,10 @@ pub async fn start_kubernetes(
         current: Arc::new(move || gw2.snapshot()),
         slices: running.slices.clone(),
         leader_gauge: running.gateway.metrics.leader.clone(),
+        health: Arc::new(kube_source::health::ApiHealth::new(
+            running.gateway.metrics.apiserver_reachable.clone(),
+            running.gateway.metrics.apiserver_outages_total.clone(),
+        )),
     };
     let mut k8s = k8s.clone();
     k8s.endpoint_slices = opts.discovery == DiscoveryMode::Endpointslices;

@@ -426,7 +426,7 @@ async fn two_gateway_processes_one_writes_status_and_the_survivor_takes_over_aft
                 period_flag.clone(),
             );
             async move {
-                GatewayProcess::start_args(
+                GatewayProcess::run(
                     &[
                         "run",
                         "--kubeconfig",
@@ -1169,6 +1169,121 @@ async fn without_crds_start_is_refused_and_an_api_server_outage_fails_no_request
         assert_eq!(failed, 0, "no request failed");
         assert!(during.0 > 1000, "load ran through the outage: {during:?}");
         gw.shutdown().await;
+    })
+    .await
+}
+
+/// Issue 12 defect 6: an API server outage is one WARN when it starts and one INFO (with its
+/// duration) when it ends, not an ERROR/WARN per failed request, and shows as metrics. The real
+/// binary on a control plane of its own; kube-apiserver killed for a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_is_one_warn_and_one_info_and_a_metric() {
+    // Outside the time bound: starting may have to build the tools first (minutes, cold).
+    let cp = tokio::task::spawn_blocking(|| ControlPlane::start("flood", true))
+        .await
+        .unwrap();
+    struct Stop<'a>(&'a ControlPlane);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+    let _stop = Stop(&cp);
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "flood").await;
+        let backend = Echo::start("steady").await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "steady",
+                json!({"match": {"pathPrefix": "/steady"},
+                "auth": {"required": false}, "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        let kc = cp.admin_kubeconfig().to_string_lossy().into_owned();
+        let p = GatewayProcess::run(
+            &[
+                "--kubeconfig",
+                &kc,
+                "--watch-namespace",
+                &ns,
+                "--lease-namespace",
+                &ns,
+                "--lease-duration",
+                "3s",
+                "--lease-renew-deadline",
+                "2s",
+                "--lease-renew-period",
+                "500ms",
+            ],
+            &[],
+            Duration::from_secs(20),
+        )
+        .await;
+        eventually(SERVED, "leads and writes status", || async {
+            let s = route_status(&admin, &ns, "steady").await?;
+            condition(&s, "Accepted").map(|_| ())
+        })
+        .await;
+        assert_eq!(p.metric("tollgate_apiserver_reachable").await, 1.0);
+        let before = p.log_lines().len();
+
+        let dir = cp.dir.clone();
+        let env = cp.env.clone();
+        let stopped =
+            tokio::task::spawn_blocking(move || ControlPlane { dir, env }.kill_apiserver())
+                .await
+                .unwrap();
+        // Every task fails now: six watches, the leader's renewals every 500 ms.
+        eventually(Duration::from_secs(15), "the outage is seen", || async {
+            (p.metric("tollgate_apiserver_reachable").await == 0.0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(p.metric("tollgate_apiserver_outages_total").await, 1.0);
+        stopped.restart();
+        eventually(
+            Duration::from_secs(60),
+            "the API server is back",
+            || async { admin.apiserver_version().await.ok().map(|_| ()) },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(20),
+            "the gateway sees it back",
+            || async { (p.metric("tollgate_apiserver_reachable").await == 1.0).then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let lines: Vec<_> = p.log_lines().into_iter().skip(before).collect();
+        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let at = |level: &str| lines.iter().filter(|l| l["level"] == level).count();
+        let outage_warns: Vec<_> = lines.iter().filter(|l| l["level"] == "WARN").collect();
+        let ended: Vec<_> = lines
+            .iter()
+            .filter(|l| {
+                l["level"] == "INFO" && l["message"] == "Kubernetes API server reachable again"
+            })
+            .collect();
+        eprintln!("log during and after the outage:\n{}", text.join("\n"));
+        assert_eq!(at("ERROR"), 0, "no ERROR for an outage: {text:#?}");
+        assert_eq!(outage_warns.len(), 1, "one WARN for the outage: {text:#?}");
+        assert_eq!(
+            outage_warns[0]["message"],
+            "Kubernetes API server unreachable; serving the last known state",
+            "{text:#?}"
+        );
+        assert_eq!(ended.len(), 1, "one INFO when it ends: {text:#?}");
+        assert!(
+            ended[0]["outage_seconds"]
+                .as_f64()
+                .is_some_and(|s| s >= 4.0),
+            "{text:#?}"
+        );
+        assert_eq!(p.metric("tollgate_apiserver_outages_total").await, 1.0);
     })
     .await
 }

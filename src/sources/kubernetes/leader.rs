@@ -11,6 +11,8 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use super::health::{is_unreachable, ApiHealth};
+
 /// Lease timing, as client-go's leader election: a holder renews every `renew_every`, stops
 /// acting as leader when it could not renew for `renew_deadline`, and others take over once the
 /// record has not changed for `duration`. `renew_deadline < duration` keeps two writers apart.
@@ -222,6 +224,14 @@ pub fn refusal(e: &kube::Error, namespace: &str, name: &str) -> Option<String> {
     })
 }
 
+/// Where the campaign reports: a gain (status is written at once), `tollgate_leader`, and the
+/// API server's reachability.
+pub struct Signals {
+    pub on_gain: Arc<watch::Sender<u64>>,
+    pub gauge: prometheus::IntGauge,
+    pub health: Arc<ApiHealth>,
+}
+
 /// Campaigns for and renews the Lease for the life of the process. `on_gain` is bumped when
 /// this replica becomes leader (so status is written at once).
 pub async fn run(
@@ -230,9 +240,13 @@ pub async fn run(
     name: String,
     timing: LeaseTiming,
     state: Arc<LeaderState>,
-    on_gain: Arc<watch::Sender<u64>>,
-    gauge: prometheus::IntGauge,
+    signals: Signals,
 ) {
+    let Signals {
+        on_gain,
+        gauge,
+        health,
+    } = signals;
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut observer = Observer::default();
     let mut failing = false;
@@ -255,6 +269,7 @@ pub async fn run(
         }
         match round {
             Ok(Ok(lead)) => {
+                health.reached();
                 failing = false;
                 if refused.take().is_some() {
                     tracing::info!(lease = %format!("{namespace}/{name}"),
@@ -278,6 +293,8 @@ pub async fn run(
                             "this replica cannot lead, so no status is written: {reason}");
                         refused = Some(reason);
                     }
+                } else if is_unreachable(&e) {
+                    health.unreachable("lease", &e);
                 } else if !failing {
                     tracing::warn!(lease = %format!("{namespace}/{name}"), error = %e,
                         "lease renewal failed; will retry");
@@ -285,9 +302,7 @@ pub async fn run(
                 failing = true;
             }
             Err(_) => {
-                if !failing {
-                    tracing::warn!(lease = %format!("{namespace}/{name}"), "lease request timed out; will retry");
-                }
+                health.unreachable("lease", &"timed out");
                 failing = true;
             }
         }
@@ -296,7 +311,15 @@ pub async fn run(
         let now_leading = state.is_leader();
         gauge.set(i64::from(now_leading));
         if leading && !now_leading && failing {
-            tracing::warn!("lost leadership: the lease could not be renewed in time");
+            if health.is_down() {
+                // Part of the outage already reported: not a second warning.
+                tracing::info!(
+                    "stopped writing status: the lease could not be renewed during \
+                    the API server outage"
+                );
+            } else {
+                tracing::warn!("lost leadership: the lease could not be renewed in time");
+            }
         }
         leading = now_leading;
         // While the API server is away, ask no more often than a holder renews.

@@ -1,6 +1,7 @@
 //! The Kubernetes source of `tollgate run`: reflectors per kind fill a `config::Store`, endpoint
 //! slices feed `SliceEndpoints`, and the elected leader writes status. Never compiles or routes.
 
+pub mod health;
 pub mod leader;
 pub mod status;
 pub mod watch;
@@ -223,6 +224,8 @@ pub struct Wiring {
     pub slices: Arc<SliceEndpoints>,
     /// `tollgate_leader`: 1 while this replica holds the Lease.
     pub leader_gauge: prometheus::IntGauge,
+    /// Whether the API server is reachable (its metrics), shared by every task of the source.
+    pub health: Arc<health::ApiHealth>,
 }
 
 /// A running Kubernetes source: observable state for the admin side and tests.
@@ -230,6 +233,7 @@ pub struct Handle {
     identity: String,
     leader: Arc<LeaderState>,
     leader_gauge: prometheus::IntGauge,
+    health: Arc<health::ApiHealth>,
     client: Client,
     lease: (String, String, leader::LeaseTiming),
     synced: AtomicBool,
@@ -300,6 +304,7 @@ impl Handle {
             "leader": self.is_leader(),
             "synced": self.is_synced(),
             "statusWrites": self.status_writes(),
+            "apiServerReachable": !self.health.is_down(),
         })
     }
 }
@@ -321,6 +326,7 @@ pub fn spawn(
         identity: opts.identity.clone(),
         leader: leader.clone(),
         leader_gauge: wiring.leader_gauge.clone(),
+        health: wiring.health.clone(),
         client: client.clone(),
         lease: (lease_ns.clone(), opts.lease_name.clone(), opts.lease),
         synced: AtomicBool::new(false),
@@ -332,7 +338,13 @@ pub fn spawn(
         wiring.slices.clone(),
         status_tx.clone(),
     ));
-    let (reflectors, mut tasks) = watch::start(&client, opts, config_tx.clone(), mapper.clone());
+    let (reflectors, mut tasks) = watch::start(
+        &client,
+        opts,
+        config_tx.clone(),
+        mapper.clone(),
+        wiring.health.clone(),
+    );
     let reflectors = Arc::new(reflectors);
 
     tasks.push(tokio::spawn(compile_loop(
@@ -350,8 +362,11 @@ pub fn spawn(
         opts.lease_name.clone(),
         opts.lease,
         leader,
-        status_tx,
-        wiring.leader_gauge.clone(),
+        leader::Signals {
+            on_gain: status_tx,
+            gauge: wiring.leader_gauge.clone(),
+            health: wiring.health.clone(),
+        },
     )));
     tasks.push(tokio::spawn(status::run(
         client,
