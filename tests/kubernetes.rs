@@ -428,7 +428,6 @@ async fn two_gateway_processes_one_writes_status_and_the_survivor_takes_over_aft
             async move {
                 GatewayProcess::run(
                     &[
-                        "run",
                         "--kubeconfig",
                         &kc,
                         "--watch-namespace",
