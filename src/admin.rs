@@ -1,4 +1,5 @@
-//! The admin server: `/metrics`, `/healthz` (`/livez`), `/readyz` and `/debug/routes`.
+//! The admin server: `/metrics`, `/healthz` (`/livez`), `/readyz` and `/debug/routes` (also at
+//! `/debug`).
 //! Read-only; `/debug` output holds no key material (only client ids and fingerprints).
 //! A wiring module beside `app`: it reads the proxy's [`Gateway`] and telemetry's registry,
 //! so neither of those imports the other.
@@ -42,7 +43,9 @@ pub fn debug_routes(gw: &Gateway) -> serde_json::Value {
             })
         })
         .collect();
+    let source = gw.source_debug.get().map(|f| f());
     serde_json::json!({
+        "source": source,
         "generation": snap.generation,
         "routes": snap.routes.routes(),
         "keys": keys,
@@ -66,7 +69,7 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/debug/routes" => respond(
+        "/debug" | "/debug/routes" => respond(
             StatusCode::OK,
             "application/json",
             serde_json::to_vec_pretty(&debug_routes(&gw)).unwrap_or_default(),

@@ -486,10 +486,19 @@ pub async fn start_kubernetes(
         apply: Arc::new(move |store: Store| reload_store(&gw, &resolver, &store, &opts2)),
         current: Arc::new(move || gw2.snapshot()),
         slices: running.slices.clone(),
+        leader_gauge: running.gateway.metrics.leader.clone(),
+        health: Arc::new(kube_source::health::ApiHealth::new(
+            running.gateway.metrics.apiserver_reachable.clone(),
+            running.gateway.metrics.apiserver_outages_total.clone(),
+        )),
     };
     let mut k8s = k8s.clone();
     k8s.endpoint_slices = opts.discovery == DiscoveryMode::Endpointslices;
     let (handle, tasks) = kube_source::spawn(client, &k8s, wiring);
+    let h = handle.clone();
+    let _ = running.gateway.source_debug.set(Arc::new(
+        move || serde_json::json!({ "kubernetes": h.debug() }),
+    ));
     for t in tasks {
         running.add_background(t);
     }

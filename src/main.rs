@@ -203,12 +203,22 @@ struct KubeFlags {
     /// The Lease that elects the replica writing status (default: tollgate-<gateway class>).
     #[arg(long, env = "TOLLGATE_LEASE_NAME")]
     lease_name: Option<String>,
-    /// Namespace of that Lease (default: POD_NAMESPACE, else tollgate-system).
+    /// Namespace of that Lease (default: POD_NAMESPACE, else the kubeconfig context's
+    /// namespace, else default).
     #[arg(long, env = "TOLLGATE_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
     /// A burst of changes within this window costs one compile.
     #[arg(long, default_value = "50ms", value_parser = parse_dur)]
     debounce: Duration,
+    /// Another replica takes over the Lease once it has not been renewed for this long.
+    #[arg(long, default_value = "15s", value_parser = parse_dur)]
+    lease_duration: Duration,
+    /// The leader stops writing status when it could not renew for this long (< the duration).
+    #[arg(long, default_value = "10s", value_parser = parse_dur)]
+    lease_renew_deadline: Duration,
+    /// How often the leader renews the Lease (a follower looks at it at most every 2 s).
+    #[arg(long, default_value = "5s", value_parser = parse_dur)]
+    lease_renew_period: Duration,
     /// A kubeconfig file (default: in-cluster, else KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -216,7 +226,7 @@ struct KubeFlags {
 
 impl KubeFlags {
     fn options(&self, gateway_class: &str) -> tollgate::sources::kubernetes::KubeOptions {
-        use tollgate::sources::kubernetes::{default_lease_namespace, KubeOptions};
+        use tollgate::sources::kubernetes::KubeOptions;
         KubeOptions {
             kubeconfig: self.kubeconfig.clone(),
             watch_namespaces: self.watch_namespaces.clone(),
@@ -224,12 +234,29 @@ impl KubeFlags {
                 .lease_name
                 .clone()
                 .unwrap_or_else(|| format!("tollgate-{gateway_class}")),
-            lease_namespace: self
-                .lease_namespace
-                .clone()
-                .unwrap_or_else(default_lease_namespace),
+            lease_namespace: self.lease_namespace.clone(),
             debounce: self.debounce,
+            lease: self.lease_timing(),
             ..KubeOptions::default()
+        }
+    }
+}
+
+impl KubeFlags {
+    /// Lease timing from the flags, kept consistent: renew deadline < duration, period <=
+    /// deadline, a follower looking no less often than the leader renews.
+    fn lease_timing(&self) -> tollgate::sources::kubernetes::leader::LeaseTiming {
+        use tollgate::sources::kubernetes::leader::LeaseTiming;
+        let d = LeaseTiming::default();
+        let duration = self.lease_duration.max(Duration::from_secs(1));
+        let renew_deadline = self.lease_renew_deadline.min(duration.mul_f64(0.9));
+        let renew_every = self.lease_renew_period.min(renew_deadline);
+        LeaseTiming {
+            duration,
+            renew_deadline,
+            renew_every,
+            retry_every: d.retry_every.min(renew_every),
+            request_timeout: d.request_timeout.min(renew_deadline),
         }
     }
 }

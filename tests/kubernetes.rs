@@ -16,6 +16,8 @@ use kube::Api;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use support::k8s::*;
+use support::metrics::metric_sum;
+use support::process::GatewayProcess;
 use tollgate::sources::kubernetes::leader::LeaseTiming;
 
 /// Bound of an ordinary test here (the control plane may still be starting).
@@ -400,46 +402,80 @@ async fn endpoint_slices_set_ready_counts_without_recompiling_routes() {
     .await
 }
 
+/// Two `tollgate run` processes: both serve, exactly one writes status. Then the leader is
+/// SIGKILLed (no release, as a crashed node) and the takeover is measured: from the kill to the
+/// survivor's status for a spec change made at the kill. Bound: the Lease must first expire
+/// (duration, counted from the survivor's last sight of a renewal), plus one look and a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_serve_and_exactly_one_writes_status() {
+async fn two_gateway_processes_one_writes_status_and_the_survivor_takes_over_after_sigkill() {
     // Outside the time bound: the first test may have to build the tools (minutes, cold).
     let cp = shared();
     bounded(LIMIT, async {
         let admin = cp.admin().await;
         let ns = namespace(&admin, "leader").await;
         let backend = Echo::start("chat").await;
-        // Short lease times keep the failover part of this test quick.
-        let timing = LeaseTiming {
-            duration: Duration::from_secs(3),
-            renew_deadline: Duration::from_secs(2),
-            renew_every: Duration::from_millis(500),
-            retry_every: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(2),
+        let (duration, renew_period) = (Duration::from_secs(3), Duration::from_millis(500));
+        let kc = cp.admin_kubeconfig().to_string_lossy().into_owned();
+        let duration_flag = format!("{}s", duration.as_secs());
+        let period_flag = format!("{}ms", renew_period.as_millis());
+        let start = |identity: &'static str| {
+            let (kc, ns, duration_flag, period_flag) = (
+                kc.clone(),
+                ns.clone(),
+                duration_flag.clone(),
+                period_flag.clone(),
+            );
+            async move {
+                GatewayProcess::run(
+                    &[
+                        "--kubeconfig",
+                        &kc,
+                        "--watch-namespace",
+                        &ns,
+                        "--lease-namespace",
+                        &ns,
+                        "--lease-name",
+                        "tollgate",
+                        "--lease-duration",
+                        &duration_flag,
+                        "--lease-renew-deadline",
+                        "2s",
+                        "--lease-renew-period",
+                        &period_flag,
+                    ],
+                    &[("POD_NAME", identity)],
+                    Duration::from_secs(20),
+                )
+                .await
+            }
         };
-        let mut opts_a = kube_options(&cp.admin_kubeconfig(), &ns, "gw-a");
-        opts_a.lease = timing;
-        let mut opts_b = kube_options(&cp.admin_kubeconfig(), &ns, "gw-b");
-        opts_b.lease = timing;
-        let a = gateway(&serve_options(), &opts_a).await;
-        let b = gateway(&serve_options(), &opts_b).await;
-        let (ka, kb) = (a.kubernetes.clone().unwrap(), b.kubernetes.clone().unwrap());
+        let a = start("gw-a").await;
+        let b = start("gw-b").await;
+        let http = http();
+        let debug = |p: &GatewayProcess| {
+            let (http, url) = (http.clone(), p.admin_url("/debug"));
+            async move {
+                let text = admin_text(&http, url).await;
+                serde_json::from_str::<serde_json::Value>(&text).expect("/debug is JSON")["source"]
+                    ["kubernetes"]
+                    .clone()
+            }
+        };
         eventually(SERVED, "one leader", || async {
-            (ka.is_leader() != kb.is_leader()).then_some(())
+            let (la, lb) = (
+                a.metric("tollgate_leader").await,
+                b.metric("tollgate_leader").await,
+            );
+            (la + lb == 1.0).then_some(())
         })
         .await;
-        apply(
-            &admin,
-            route(
-                &ns,
-                "chat",
-                json!({"match": {"pathPrefix": "/chat"}, "auth": {"required": false},
-                "backends": [{"url": backend.url()}]}),
-            ),
-        )
-        .await;
-        let http = http();
-        for gw in [&a, &b] {
-            let url = format!("{}/chat", base(gw));
+        let spec = |prefix: &str| {
+            json!({"match": {"pathPrefix": prefix}, "auth": {"required": false},
+                   "backends": [{"url": backend.url()}]})
+        };
+        apply(&admin, route(&ns, "chat", spec("/chat"))).await;
+        for p in [&a, &b] {
+            let url = p.url("/chat");
             eventually(SERVED, "both replicas serve", || async {
                 (get(&http, &url, None).await.0 == 200).then_some(())
             })
@@ -452,51 +488,192 @@ async fn two_gateways_serve_and_exactly_one_writes_status() {
         .await;
         // Give a second writer every chance to show itself.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(ka.is_leader() != kb.is_leader(), "exactly one leader");
-        let (leader, follower, leader_gw, follower_gw) = if ka.is_leader() {
-            (ka.clone(), kb.clone(), a, b)
+        let (da, db) = (debug(&a).await, debug(&b).await);
+        assert!(
+            da["leader"] != db["leader"],
+            "exactly one leader: {da} {db}"
+        );
+        let (leader, follower, dl, df) = if da["leader"] == true {
+            (a, b, da, db)
         } else {
-            (kb.clone(), ka.clone(), b, a)
+            (b, a, db, da)
         };
-        assert!(leader.status_writes() >= 1, "the leader wrote status");
+        assert!(
+            dl["statusWrites"].as_u64() >= Some(1),
+            "the leader wrote status: {dl}"
+        );
         assert_eq!(
-            follower.status_writes(),
-            0,
-            "the follower never writes status"
+            df["statusWrites"], 0,
+            "the follower never writes status: {df}"
         );
         let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
             .get("tollgate")
             .await
             .unwrap();
         assert_eq!(
-            lease.spec.and_then(|s| s.holder_identity).as_deref(),
-            Some(leader.identity())
+            lease.spec.and_then(|s| s.holder_identity),
+            dl["identity"].as_str().map(String::from)
         );
 
-        // Failover: the leader goes away; the other takes the Lease and writes the next status.
-        leader_gw.shutdown().await;
+        // Failover: SIGKILL, so nothing is released; change the spec at once.
+        leader.sigkill();
+        let killed = Instant::now();
+        apply(&admin, route(&ns, "chat", spec("/chat2"))).await;
+        let bound = duration + 2 * renew_period + Duration::from_secs(2);
         eventually(
-            Duration::from_secs(10),
-            "the follower takes over",
-            || async { follower.is_leader().then_some(()) },
+            bound + Duration::from_secs(5),
+            "the survivor writes status",
+            || async {
+                let s = route_status(&admin, &ns, "chat").await?;
+                (s["observedGeneration"] == 2).then_some(())
+            },
         )
         .await;
+        let takeover = killed.elapsed();
+        eprintln!(
+            "takeover after SIGKILL of the leader: {:.2} s until the survivor wrote status \
+             (lease duration {} s, renew period {} ms, bound {:.1} s)",
+            takeover.as_secs_f64(),
+            duration.as_secs(),
+            renew_period.as_millis(),
+            bound.as_secs_f64()
+        );
+        assert!(
+            takeover <= bound,
+            "takeover took {takeover:?}, bound {bound:?}"
+        );
+        assert!(
+            takeover >= duration.saturating_sub(renew_period + Duration::from_millis(200)),
+            "no takeover before the Lease expired: {takeover:?}"
+        );
+        let df = debug(&follower).await;
+        assert_eq!(df["leader"], true, "{df}");
+        assert!(df["statusWrites"].as_u64() >= Some(1), "{df}");
+        assert_eq!(follower.metric("tollgate_leader").await, 1.0);
+        drop(leader);
+    })
+    .await
+}
+
+/// Lease timing for tests that watch leadership move: seconds, not the default 15 s.
+fn short_lease() -> LeaseTiming {
+    LeaseTiming {
+        duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        renew_every: Duration::from_millis(500),
+        retry_every: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
+async fn admin_text(http: &reqwest::Client, url: String) -> String {
+    get(http, &url, None).await.1
+}
+
+/// Issue 12 defect 1: with only a kubeconfig (no --lease-namespace, no POD_NAMESPACE) the Lease
+/// lives in the context's namespace, so a cluster without `tollgate-system` still gets status;
+/// leadership shows as `tollgate_leader` and in `/debug`; a Lease namespace that does not exist
+/// is reported once at ERROR with the flag that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_flags_the_lease_lives_in_the_context_namespace_and_leadership_is_visible() {
+    // Outside the time bound: the first test may have to build the tools (minutes, cold).
+    let cp = shared();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "ctxns").await;
+        let kubeconfig = cp.admin_in_namespace(&ns);
+        let backend = Echo::start("chat").await;
+        let mut opts_a = kube_options(&kubeconfig, &ns, "gw-a");
+        let mut opts_b = kube_options(&kubeconfig, &ns, "gw-b");
+        for o in [&mut opts_a, &mut opts_b] {
+            o.lease_namespace = None;
+            o.lease_name = "tollgate-default".into();
+            o.lease = short_lease();
+        }
+        let a = gateway(&serve_options(), &opts_a).await;
+        let b = gateway(&serve_options(), &opts_b).await;
+        let (ka, kb) = (a.kubernetes.clone().unwrap(), b.kubernetes.clone().unwrap());
+        eventually(SERVED, "one leader", || async {
+            (ka.is_leader() != kb.is_leader()).then_some(())
+        })
+        .await;
+        assert_eq!(ka.lease(), format!("{ns}/tollgate-default"));
+        let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get("tollgate-default")
+            .await
+            .expect("the Lease is in the kubeconfig context's namespace");
+        assert!(lease.spec.and_then(|s| s.holder_identity).is_some());
         apply(
             &admin,
             route(
                 &ns,
                 "chat",
-                json!({"match": {"pathPrefix": "/chat2"}, "auth": {"required": false},
+                json!({"match": {"pathPrefix": "/chat"}, "auth": {"required": false},
                 "backends": [{"url": backend.url()}]}),
             ),
         )
         .await;
-        eventually(SERVED, "the new leader writes status", || async {
+        eventually(SERVED, "status written", || async {
             let s = route_status(&admin, &ns, "chat").await?;
-            (s["observedGeneration"] == 2 && follower.status_writes() >= 1).then_some(())
+            (condition(&s, "Accepted")?.0 == "True").then_some(())
         })
         .await;
-        follower_gw.shutdown().await;
+        let (leader_gw, follower_gw) = if ka.is_leader() { (&a, &b) } else { (&b, &a) };
+        let http = http();
+        for (gw, want) in [(leader_gw, 1.0), (follower_gw, 0.0)] {
+            let metrics = admin_text(&http, format!("http://{}/metrics", gw.admin_listen)).await;
+            assert_eq!(metric_sum(&metrics, "tollgate_leader"), want, "{metrics}");
+            let debug: serde_json::Value = serde_json::from_str(
+                &admin_text(&http, format!("http://{}/debug", gw.admin_listen)).await,
+            )
+            .expect("/debug is JSON");
+            assert_eq!(
+                debug["source"]["kubernetes"]["leader"],
+                want == 1.0,
+                "{debug}"
+            );
+            assert_eq!(
+                debug["source"]["kubernetes"]["lease"],
+                format!("{ns}/tollgate-default")
+            );
+        }
+
+        // A Lease namespace that does not exist: one ERROR naming the flag, not one per retry.
+        let kc = kubeconfig.to_string_lossy().into_owned();
+        let p = GatewayProcess::run(
+            &[
+                "--kubeconfig",
+                &kc,
+                "--watch-namespace",
+                &ns,
+                "--lease-namespace",
+                "no-such-namespace",
+                "--lease-duration",
+                "2s",
+                "--lease-renew-deadline",
+                "1s",
+                "--lease-renew-period",
+                "300ms",
+            ],
+            &[],
+            Duration::from_secs(20),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let errors: Vec<_> = p
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["level"] == "ERROR")
+            .collect();
+        assert_eq!(errors.len(), 1, "exactly one ERROR: {}", p.output());
+        let msg = errors[0]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("cannot lead") && msg.contains("--lease-namespace"),
+            "{msg}"
+        );
+        assert_eq!(p.metric("tollgate_leader").await, 0.0);
+        a.shutdown().await;
+        b.shutdown().await;
     })
     .await
 }
@@ -768,7 +945,7 @@ async fn the_namespaced_role_is_enough_for_watch_namespace() {
 
         let backend = Echo::start("chat").await;
         let mut opts = kube_options(&kubeconfig, &ns, "gw");
-        opts.lease_namespace = "tollgate-system".into();
+        opts.lease_namespace = Some("tollgate-system".into());
         opts.lease_name = format!("ns-{ns}");
         let gw = gateway(&serve_options(), &opts).await;
         apply(
@@ -991,6 +1168,121 @@ async fn without_crds_start_is_refused_and_an_api_server_outage_fails_no_request
         assert_eq!(failed, 0, "no request failed");
         assert!(during.0 > 1000, "load ran through the outage: {during:?}");
         gw.shutdown().await;
+    })
+    .await
+}
+
+/// Issue 12 defect 6: an API server outage is one WARN when it starts and one INFO (with its
+/// duration) when it ends, not an ERROR/WARN per failed request, and shows as metrics. The real
+/// binary on a control plane of its own; kube-apiserver killed for a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_is_one_warn_and_one_info_and_a_metric() {
+    // Outside the time bound: starting may have to build the tools first (minutes, cold).
+    let cp = tokio::task::spawn_blocking(|| ControlPlane::start("flood", true))
+        .await
+        .unwrap();
+    struct Stop<'a>(&'a ControlPlane);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+    let _stop = Stop(&cp);
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "flood").await;
+        let backend = Echo::start("steady").await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "steady",
+                json!({"match": {"pathPrefix": "/steady"},
+                "auth": {"required": false}, "backends": [{"url": backend.url()}]}),
+            ),
+        )
+        .await;
+        let kc = cp.admin_kubeconfig().to_string_lossy().into_owned();
+        let p = GatewayProcess::run(
+            &[
+                "--kubeconfig",
+                &kc,
+                "--watch-namespace",
+                &ns,
+                "--lease-namespace",
+                &ns,
+                "--lease-duration",
+                "3s",
+                "--lease-renew-deadline",
+                "2s",
+                "--lease-renew-period",
+                "500ms",
+            ],
+            &[],
+            Duration::from_secs(20),
+        )
+        .await;
+        eventually(SERVED, "leads and writes status", || async {
+            let s = route_status(&admin, &ns, "steady").await?;
+            condition(&s, "Accepted").map(|_| ())
+        })
+        .await;
+        assert_eq!(p.metric("tollgate_apiserver_reachable").await, 1.0);
+        let before = p.log_lines().len();
+
+        let dir = cp.dir.clone();
+        let env = cp.env.clone();
+        let stopped =
+            tokio::task::spawn_blocking(move || ControlPlane { dir, env }.kill_apiserver())
+                .await
+                .unwrap();
+        // Every task fails now: six watches, the leader's renewals every 500 ms.
+        eventually(Duration::from_secs(15), "the outage is seen", || async {
+            (p.metric("tollgate_apiserver_reachable").await == 0.0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(p.metric("tollgate_apiserver_outages_total").await, 1.0);
+        stopped.restart();
+        eventually(
+            Duration::from_secs(60),
+            "the API server is back",
+            || async { admin.apiserver_version().await.ok().map(|_| ()) },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(20),
+            "the gateway sees it back",
+            || async { (p.metric("tollgate_apiserver_reachable").await == 1.0).then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let lines: Vec<_> = p.log_lines().into_iter().skip(before).collect();
+        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let at = |level: &str| lines.iter().filter(|l| l["level"] == level).count();
+        let outage_warns: Vec<_> = lines.iter().filter(|l| l["level"] == "WARN").collect();
+        let ended: Vec<_> = lines
+            .iter()
+            .filter(|l| {
+                l["level"] == "INFO" && l["message"] == "Kubernetes API server reachable again"
+            })
+            .collect();
+        eprintln!("log during and after the outage:\n{}", text.join("\n"));
+        assert_eq!(at("ERROR"), 0, "no ERROR for an outage: {text:#?}");
+        assert_eq!(outage_warns.len(), 1, "one WARN for the outage: {text:#?}");
+        assert_eq!(
+            outage_warns[0]["message"],
+            "Kubernetes API server unreachable; serving the last known state",
+            "{text:#?}"
+        );
+        assert_eq!(ended.len(), 1, "one INFO when it ends: {text:#?}");
+        assert!(
+            ended[0]["outage_seconds"]
+                .as_f64()
+                .is_some_and(|s| s >= 4.0),
+            "{text:#?}"
+        );
+        assert_eq!(p.metric("tollgate_apiserver_outages_total").await, 1.0);
     })
     .await
 }

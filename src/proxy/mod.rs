@@ -84,6 +84,8 @@ pub struct Gateway {
     pub limiter: Arc<RateLimiter>,
     /// The external auth service asked about keys the snapshot does not know (`--ext-auth-url`).
     pub ext_auth: Option<Arc<ExtAuth>>,
+    /// What the configuration source shows in `/debug/routes` (`tollgate run`: leadership).
+    pub source_debug: std::sync::OnceLock<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
 impl Gateway {
@@ -104,6 +106,7 @@ impl Gateway {
             upstream,
             limiter,
             ext_auth,
+            source_debug: std::sync::OnceLock::new(),
         })
     }
 

@@ -28,9 +28,27 @@ impl std::fmt::Debug for LogGuard {
     }
 }
 
+/// kube-client logs every failed request at ERROR (its trace layer) and every watch cut at
+/// WARN: during an API server outage that is a line per request. The Kubernetes source reports
+/// the outage itself (one WARN, one INFO), so these are off unless `RUST_LOG` names kube.
+const KUBE_QUIET: &str = "kube_client=error,kube_client::client::builder=off";
+
+/// `RUST_LOG` (default `info`), with [`KUBE_QUIET`] unless it says something about kube.
+fn filter_directives(rust_log: Option<&str>) -> String {
+    let base = rust_log
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if base.contains("kube") {
+        base.to_string()
+    } else {
+        format!("{base},{KUBE_QUIET}")
+    }
+}
+
 /// Installs the global subscriber; a second call is a no-op.
 pub fn init(format: LogFormat) -> LogGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::new(filter_directives(std::env::var("RUST_LOG").ok().as_deref()));
     // Not lossy: when 128k lines are queued the logging thread waits rather than drop access
     // lines. 64 KiB batches: one write(2) carries a few hundred access lines under load.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -61,5 +79,26 @@ pub fn init(format: LogFormat) -> LogGuard {
     };
     LogGuard {
         _worker: installed.is_ok().then_some(guard),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_client_noise_is_off_unless_asked_for() {
+        assert_eq!(filter_directives(None), format!("info,{KUBE_QUIET}"));
+        assert_eq!(
+            filter_directives(Some("debug")),
+            format!("debug,{KUBE_QUIET}")
+        );
+        assert_eq!(
+            filter_directives(Some("kube_client=debug")),
+            "kube_client=debug"
+        );
+        for d in [filter_directives(None), filter_directives(Some("warn"))] {
+            assert!(EnvFilter::try_new(&d).is_ok(), "{d}");
+        }
     }
 }

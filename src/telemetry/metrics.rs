@@ -33,6 +33,9 @@ pub struct Metrics {
     pub endpoints_ready: IntGaugeVec,
     pub ratelimit_fallbacks_total: IntCounter,
     pub ext_auth_overloaded_total: IntCounter,
+    pub leader: IntGauge,
+    pub apiserver_reachable: IntGauge,
+    pub apiserver_outages_total: IntCounter,
     pub client_requests_total: Option<IntCounterVec>,
     pub compile_seconds: Histogram,
 }
@@ -89,6 +92,21 @@ impl Metrics {
              service, because --ext-auth-max-concurrent calls were in flight",
         )?;
         registry.register(Box::new(ext_auth_overloaded_total.clone()))?;
+        let leader = IntGauge::new(
+            "tollgate_leader",
+            "1 while this replica holds the status Lease and writes status (tollgate run)",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
+        let apiserver_reachable = IntGauge::new(
+            "tollgate_apiserver_reachable",
+            "0 while the Kubernetes API server cannot be reached (tollgate run), else 1",
+        )?;
+        registry.register(Box::new(apiserver_reachable.clone()))?;
+        let apiserver_outages_total = IntCounter::new(
+            "tollgate_apiserver_outages_total",
+            "Kubernetes API server outages seen (tollgate run)",
+        )?;
+        registry.register(Box::new(apiserver_outages_total.clone()))?;
         let client_requests_total = if per_client {
             Some(counter(
                 "tollgate_client_requests_total",
@@ -149,6 +167,9 @@ impl Metrics {
             )?,
             ratelimit_fallbacks_total,
             ext_auth_overloaded_total,
+            leader,
+            apiserver_reachable,
+            apiserver_outages_total,
             client_requests_total,
             compile_seconds,
             registry,

@@ -299,6 +299,16 @@ impl ControlPlane {
         self.kubeconfig_as(sa, user.into(), Some(namespace))
     }
 
+    /// The admin kubeconfig with its context's namespace set to `ns`.
+    pub fn admin_in_namespace(&self, ns: &str) -> PathBuf {
+        let text = std::fs::read_to_string(self.admin_kubeconfig()).expect("read admin kubeconfig");
+        let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+        kc["contexts"][0]["context"]["namespace"] = serde_yaml::Value::String(ns.to_string());
+        let path = self.dir.join(format!("admin-in-{ns}.kubeconfig"));
+        std::fs::write(&path, serde_yaml::to_string(&kc).expect("YAML")).expect("write kubeconfig");
+        path
+    }
+
     /// Kills kube-apiserver (etcd keeps running) and returns what restarts it on the same port.
     pub fn kill_apiserver(&self) -> StoppedApiServer {
         let pidfile = self.dir.join("kube-apiserver.pid");
@@ -498,7 +508,7 @@ pub fn kube_options(kubeconfig: &Path, ns: &str, identity: &str) -> KubeOptions 
     KubeOptions {
         kubeconfig: Some(kubeconfig.to_path_buf()),
         watch_namespaces: vec![ns.to_string()],
-        lease_namespace: ns.to_string(),
+        lease_namespace: Some(ns.to_string()),
         lease_name: "tollgate".to_string(),
         identity: identity.to_string(),
         ..KubeOptions::default()

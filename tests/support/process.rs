@@ -100,6 +100,8 @@ impl GatewayProcess {
         cmd.args(args)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("POD_NAME")
             .envs(envs.iter().copied());
         Self::launch(cmd, dir, ready_within).await
     }
@@ -180,6 +182,23 @@ impl GatewayProcess {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM {} failed", self.pid);
+    }
+
+    /// Sends SIGKILL: the process dies at once, without releasing anything.
+    pub fn sigkill(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -KILL {} failed", self.pid);
+    }
+
+    /// The JSON log lines written so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Whether the process is still running.

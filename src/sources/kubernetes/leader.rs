@@ -11,6 +11,8 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use super::health::{is_unreachable, ApiHealth};
+
 /// Lease timing, as client-go's leader election: a holder renews every `renew_every`, stops
 /// acting as leader when it could not renew for `renew_deadline`, and others take over once the
 /// record has not changed for `duration`. `renew_deadline < duration` keeps two writers apart.
@@ -196,6 +198,40 @@ async fn try_once(
     }
 }
 
+/// Why the API server refused a Lease request, in words that name the fix; `None`: not a
+/// refusal (the API server is away or overloaded: retried quietly, reported as an outage).
+pub fn refusal(e: &kube::Error, namespace: &str, name: &str) -> Option<String> {
+    let kube::Error::Api(s) = e else {
+        return None;
+    };
+    Some(match s.code {
+        404 => format!(
+            "namespace {namespace} does not exist, so Lease {namespace}/{name} cannot be \
+             created; pass --lease-namespace with an existing namespace (or create {namespace})"
+        ),
+        403 => format!(
+            "not allowed to get/create/update Lease {namespace}/{name}: {}; bind the gateway's \
+             identity to manifests/rbac/leader-election.yaml in {namespace}, or pass \
+             --lease-namespace with a namespace where it may",
+            s.message
+        ),
+        c if c >= 500 || c == 429 => return None,
+        c => format!(
+            "Lease {namespace}/{name} refused ({c}): {}; check --lease-namespace and \
+             --lease-name",
+            s.message
+        ),
+    })
+}
+
+/// Where the campaign reports: a gain (status is written at once), `tollgate_leader`, and the
+/// API server's reachability.
+pub struct Signals {
+    pub on_gain: Arc<watch::Sender<u64>>,
+    pub gauge: prometheus::IntGauge,
+    pub health: Arc<ApiHealth>,
+}
+
 /// Campaigns for and renews the Lease for the life of the process. `on_gain` is bumped when
 /// this replica becomes leader (so status is written at once).
 pub async fn run(
@@ -204,11 +240,19 @@ pub async fn run(
     name: String,
     timing: LeaseTiming,
     state: Arc<LeaderState>,
-    on_gain: Arc<watch::Sender<u64>>,
+    signals: Signals,
 ) {
+    let Signals {
+        on_gain,
+        gauge,
+        health,
+    } = signals;
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut observer = Observer::default();
     let mut failing = false;
+    // The refusal last reported at ERROR: said once, again only when it changes or after a
+    // recovery, never on every retry.
+    let mut refused: Option<String> = None;
     let mut leading = false;
     loop {
         if state.stopped.load(std::sync::atomic::Ordering::Acquire) {
@@ -225,7 +269,12 @@ pub async fn run(
         }
         match round {
             Ok(Ok(lead)) => {
+                health.reached();
                 failing = false;
+                if refused.take().is_some() {
+                    tracing::info!(lease = %format!("{namespace}/{name}"),
+                        "the Lease is usable again: leader election resumed");
+                }
                 let until = lead.then(|| started + timing.renew_deadline);
                 if state.set(until) {
                     if lead {
@@ -238,24 +287,39 @@ pub async fn run(
                 }
             }
             Ok(Err(e)) => {
-                if !failing {
+                if let Some(reason) = refusal(&e, &namespace, &name) {
+                    if refused.as_deref() != Some(reason.as_str()) {
+                        tracing::error!(lease = %format!("{namespace}/{name}"), identity = %state.identity,
+                            "this replica cannot lead, so no status is written: {reason}");
+                        refused = Some(reason);
+                    }
+                } else if is_unreachable(&e) {
+                    health.unreachable("lease", &e);
+                } else if !failing {
                     tracing::warn!(lease = %format!("{namespace}/{name}"), error = %e,
                         "lease renewal failed; will retry");
                 }
                 failing = true;
             }
             Err(_) => {
-                if !failing {
-                    tracing::warn!(lease = %format!("{namespace}/{name}"), "lease request timed out; will retry");
-                }
+                health.unreachable("lease", &"timed out");
                 failing = true;
             }
         }
         // A leader that cannot renew stops believing it leads once its renew deadline passes
         // (`is_leader` checks the clock), before anyone else may take over.
         let now_leading = state.is_leader();
+        gauge.set(i64::from(now_leading));
         if leading && !now_leading && failing {
-            tracing::warn!("lost leadership: the lease could not be renewed in time");
+            if health.is_down() {
+                // Part of the outage already reported: not a second warning.
+                tracing::info!(
+                    "stopped writing status: the lease could not be renewed during \
+                    the API server outage"
+                );
+            } else {
+                tracing::warn!("lost leadership: the lease could not be renewed in time");
+            }
         }
         leading = now_leading;
         // While the API server is away, ask no more often than a holder renews.
@@ -277,12 +341,14 @@ pub async fn release(
     name: &str,
     timing: &LeaseTiming,
     state: &LeaderState,
+    gauge: &prometheus::IntGauge,
 ) {
     state
         .stopped
         .store(true, std::sync::atomic::Ordering::Release);
     let was_leader = state.is_leader();
     state.set(None);
+    gauge.set(0);
     if !was_leader {
         return;
     }

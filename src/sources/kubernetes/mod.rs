@@ -1,6 +1,7 @@
 //! The Kubernetes source of `tollgate run`: reflectors per kind fill a `config::Store`, endpoint
 //! slices feed `SliceEndpoints`, and the elected leader writes status. Never compiles or routes.
 
+pub mod health;
 pub mod leader;
 pub mod status;
 pub mod watch;
@@ -32,8 +33,9 @@ pub struct KubeOptions {
     pub watch_namespaces: Vec<String>,
     /// Name of the `coordination.k8s.io` Lease that elects the status writer.
     pub lease_name: String,
-    /// Namespace of that Lease.
-    pub lease_namespace: String,
+    /// Namespace of that Lease; `None`: `POD_NAMESPACE`, else the namespace of the kubeconfig
+    /// context (in-cluster: the service account's), else `default` (see [`lease_namespace`]).
+    pub lease_namespace: Option<String>,
     /// This replica's name in the Lease (`POD_NAME`, else host name and pid).
     pub identity: String,
     /// A burst of changes within this window costs one compile.
@@ -52,7 +54,7 @@ impl Default for KubeOptions {
             kubeconfig: None,
             watch_namespaces: Vec::new(),
             lease_name: "tollgate-leader".to_string(),
-            lease_namespace: default_lease_namespace(),
+            lease_namespace: None,
             identity: default_identity(),
             // 50 ms folds a `kubectl apply -f dir/` burst into one compile while keeping
             // change-to-traffic far below the 1 s p99 of P6.
@@ -67,12 +69,16 @@ impl Default for KubeOptions {
     }
 }
 
-/// `POD_NAMESPACE` (set by the Deployment through the downward API), else `tollgate-system`.
-pub fn default_lease_namespace() -> String {
-    std::env::var("POD_NAMESPACE")
-        .ok()
+/// The Lease namespace: the one given, else `POD_NAMESPACE` (set by the Deployment through the
+/// downward API), else the client's default namespace: the kubeconfig context's namespace
+/// (in-cluster: the service account's), which kube itself falls back to `default` for. A
+/// namespace that exists wherever the gateway can run, so status is written without flags.
+pub fn lease_namespace(given: Option<&str>, client: &Client) -> String {
+    given
+        .map(str::to_string)
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "tollgate-system".to_string())
+        .unwrap_or_else(|| client.default_namespace().to_string())
 }
 
 /// `POD_NAME`, else `<host name>-<pid>`: unique per replica, readable in `kubectl get lease`.
@@ -216,12 +222,18 @@ pub struct Wiring {
     pub current: Arc<dyn Fn() -> Arc<Snapshot> + Send + Sync>,
     /// EndpointSlice-fed endpoint sets.
     pub slices: Arc<SliceEndpoints>,
+    /// `tollgate_leader`: 1 while this replica holds the Lease.
+    pub leader_gauge: prometheus::IntGauge,
+    /// Whether the API server is reachable (its metrics), shared by every task of the source.
+    pub health: Arc<health::ApiHealth>,
 }
 
 /// A running Kubernetes source: observable state for the admin side and tests.
 pub struct Handle {
     identity: String,
     leader: Arc<LeaderState>,
+    leader_gauge: prometheus::IntGauge,
+    health: Arc<health::ApiHealth>,
     client: Client,
     lease: (String, String, leader::LeaseTiming),
     synced: AtomicBool,
@@ -245,7 +257,15 @@ impl Handle {
     /// another replica writes status within seconds.
     pub async fn release(&self) {
         let (ns, name, timing) = &self.lease;
-        leader::release(self.client.clone(), ns, name, timing, &self.leader).await;
+        leader::release(
+            self.client.clone(),
+            ns,
+            name,
+            timing,
+            &self.leader,
+            &self.leader_gauge,
+        )
+        .await;
     }
 
     /// This replica's identity in the Lease.
@@ -272,6 +292,21 @@ impl Handle {
     pub fn events(&self) -> u64 {
         self.events.load(Ordering::Relaxed)
     }
+    /// The Lease as `namespace/name`.
+    pub fn lease(&self) -> String {
+        format!("{}/{}", self.lease.0, self.lease.1)
+    }
+    /// What `/debug/routes` shows of this source.
+    pub fn debug(&self) -> serde_json::Value {
+        serde_json::json!({
+            "identity": self.identity,
+            "lease": self.lease(),
+            "leader": self.is_leader(),
+            "synced": self.is_synced(),
+            "statusWrites": self.status_writes(),
+            "apiServerReachable": !self.health.is_down(),
+        })
+    }
 }
 
 /// Starts the reflectors, the debounced compile loop, leader election and the status writer.
@@ -286,15 +321,14 @@ pub fn spawn(
     let config_tx = Arc::new(config_tx);
     let status_tx = Arc::new(status_tx);
     let leader = Arc::new(LeaderState::new(&opts.identity));
+    let lease_ns = lease_namespace(opts.lease_namespace.as_deref(), &client);
     let handle = Arc::new(Handle {
         identity: opts.identity.clone(),
         leader: leader.clone(),
+        leader_gauge: wiring.leader_gauge.clone(),
+        health: wiring.health.clone(),
         client: client.clone(),
-        lease: (
-            opts.lease_namespace.clone(),
-            opts.lease_name.clone(),
-            opts.lease,
-        ),
+        lease: (lease_ns.clone(), opts.lease_name.clone(), opts.lease),
         synced: AtomicBool::new(false),
         compiles: AtomicU64::new(0),
         status_writes: AtomicU64::new(0),
@@ -304,7 +338,13 @@ pub fn spawn(
         wiring.slices.clone(),
         status_tx.clone(),
     ));
-    let (reflectors, mut tasks) = watch::start(&client, opts, config_tx.clone(), mapper.clone());
+    let (reflectors, mut tasks) = watch::start(
+        &client,
+        opts,
+        config_tx.clone(),
+        mapper.clone(),
+        wiring.health.clone(),
+    );
     let reflectors = Arc::new(reflectors);
 
     tasks.push(tokio::spawn(compile_loop(
@@ -318,11 +358,15 @@ pub fn spawn(
     )));
     tasks.push(tokio::spawn(leader::run(
         client.clone(),
-        opts.lease_namespace.clone(),
+        lease_ns,
         opts.lease_name.clone(),
         opts.lease,
         leader,
-        status_tx,
+        leader::Signals {
+            on_gain: status_tx,
+            gauge: wiring.leader_gauge.clone(),
+            health: wiring.health.clone(),
+        },
     )));
     tasks.push(tokio::spawn(status::run(
         client,

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::health::{is_unreachable, ApiHealth};
 use futures_util::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -317,7 +318,7 @@ enum Outcome {
     Failed,
 }
 
-async fn write(client: &Client, job: &Job) -> Outcome {
+async fn write(client: &Client, job: &Job, health: &ApiHealth) -> Outcome {
     let pp = PatchParams {
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PatchParams::default()
@@ -337,14 +338,21 @@ async fn write(client: &Client, job: &Job) -> Outcome {
         }
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
-        Ok(Ok(())) => Outcome::Written,
+        Ok(Ok(())) => {
+            health.reached();
+            Outcome::Written
+        }
         Ok(Err(kube::Error::Api(s))) if s.code == 404 => Outcome::Gone,
+        Ok(Err(e)) if is_unreachable(&e) => {
+            health.unreachable("status write", &e);
+            Outcome::Failed
+        }
         Ok(Err(e)) => {
             tracing::warn!(kind = job.kind, object = %job.key, error = %e, "status write failed");
             Outcome::Failed
         }
         Err(_) => {
-            tracing::warn!(kind = job.kind, object = %job.key, "status write timed out");
+            health.unreachable("status write", &"timed out");
             Outcome::Failed
         }
     }
@@ -436,7 +444,7 @@ pub async fn run(
                     if !handle.is_leader() {
                         return (job, Outcome::Failed, 0);
                     }
-                    let outcome = write(&client, &job).await;
+                    let outcome = write(&client, &job, &handle.health).await;
                     let events = if matches!(outcome, Outcome::Written) {
                         publish(&recorder, &job).await
                     } else {

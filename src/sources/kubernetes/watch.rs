@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
 
+use super::health::{watch_unreachable, ApiHealth};
 use super::KubeOptions;
 use crate::api::{AgentApiKey, AgentRoute};
 use crate::config::{ObjectKey, Store};
@@ -404,15 +405,24 @@ fn strip<K: Resource>(o: &mut K) {
     }
 }
 
+/// How a reflector retries, and where it reports that the API server is away.
+#[derive(Clone)]
+struct Retry {
+    backoff_max: Duration,
+    health: Arc<ApiHealth>,
+}
+
 /// Runs one reflector: lists and watches with backoff, keeps the store, calls `on_event` after
-/// the store has taken each event. Errors are logged once per outage and retried forever.
+/// the store has taken each event. The API server being away goes to the outage tracker (one
+/// line per outage for every watch together); other errors are logged once per failing streak
+/// and retried forever.
 fn drive<K>(
     kind: &'static str,
     scope: String,
     writer: reflector::store::Writer<K>,
     api: Api<K>,
     config: watcher::Config,
-    backoff_max: Duration,
+    retry: Retry,
     mut on_event: impl FnMut(&Event<K>) + Send + 'static,
 ) -> JoinHandle<()>
 where
@@ -420,7 +430,8 @@ where
 {
     let stream = watcher(api, config)
         .modify(strip::<K>)
-        .backoff(WatchBackoff::new(backoff_max));
+        .backoff(WatchBackoff::new(retry.backoff_max));
+    let health = retry.health;
     let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -428,12 +439,21 @@ where
         while let Some(item) = stream.next().await {
             match item {
                 Ok(ev) => {
+                    health.reached();
                     if failing && matches!(ev, Event::InitDone | Event::Apply(_) | Event::Delete(_))
                     {
                         tracing::info!(kind, scope, "watch resumed");
                         failing = false;
                     }
                     on_event(&ev);
+                }
+                Err(e) if watch_unreachable(&e) => {
+                    health.unreachable(kind, &e);
+                }
+                // 410 Gone: the resourceVersion is compacted away (after an outage, as a rule);
+                // the watcher lists again by itself. Routine, not a warning.
+                Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                    tracing::debug!(kind, scope, reason = %s.message, "watch expired; listing again");
                 }
                 Err(e) => {
                     if failing {
@@ -518,6 +538,7 @@ pub fn start(
     opts: &KubeOptions,
     config: Arc<signal::Sender<u64>>,
     mapper: Arc<EndpointMapper>,
+    health: Arc<ApiHealth>,
 ) -> (Reflectors, Vec<JoinHandle<()>>) {
     let scopes: Vec<Option<String>> = if opts.watch_namespaces.is_empty() {
         vec![None]
@@ -568,7 +589,10 @@ pub fn start(
         services: r.services.clone(),
         slices: r.slices.clone(),
     });
-    let max = opts.watch_backoff_max;
+    let retry = Retry {
+        backoff_max: opts.watch_backoff_max,
+        health,
+    };
     let base = watcher::Config::default();
     let mut tasks = Vec::new();
 
@@ -580,7 +604,7 @@ pub fn start(
             w,
             api(client, &ns),
             base.clone(),
-            max,
+            retry.clone(),
             on,
         ));
     }
@@ -592,7 +616,7 @@ pub fn start(
             w,
             api(client, &ns),
             base.clone(),
-            max,
+            retry.clone(),
             on,
         ));
     }
@@ -613,7 +637,7 @@ pub fn start(
             w,
             api(client, &ns),
             base.clone().fields(&format!("type={ty}")),
-            max,
+            retry.clone(),
             on,
         ));
     }
@@ -646,7 +670,7 @@ pub fn start(
             w,
             api(client, &ns),
             base.clone(),
-            max,
+            retry.clone(),
             on,
         ));
     }
@@ -672,7 +696,7 @@ pub fn start(
             api(client, &ns),
             // Only slices that belong to a Service.
             base.clone().labels(SERVICE_NAME_LABEL),
-            max,
+            retry.clone(),
             on,
         ));
     }
