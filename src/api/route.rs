@@ -53,7 +53,8 @@ pub struct AgentRouteSpec {
     /// What a request must look like to take this route.
     #[serde(rename = "match")]
     pub match_: RouteMatch,
-    /// `http` (default), `sse` or `websocket`.
+    /// `http` (default), `sse`, `websocket` or `mcp` (Model Context Protocol, Streamable HTTP:
+    /// sessions pinned by sealed ids).
     #[serde(default)]
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +131,7 @@ pub enum Protocol {
     Http,
     Sse,
     Websocket,
+    Mcp,
 }
 
 /// Durations in Go form (`30s`, `1m30s`, `500ms`).

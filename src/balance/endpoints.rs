@@ -339,6 +339,25 @@ impl EndpointSet {
         Some((endpoint, InFlightGuard::new(Arc::clone(self), index)))
     }
 
+    /// The endpoint at `addr`, whatever its health or whether it is terminating: a pinned
+    /// session (MCP) goes where it lives as long as that endpoint is in the set. `None` once
+    /// discovery no longer lists it.
+    pub fn pin(self: &Arc<Self>, addr: SocketAddr) -> Option<(&Endpoint, InFlightGuard)> {
+        let index = self
+            .endpoints
+            .binary_search_by(|e| e.addr.cmp(&addr))
+            .ok()?;
+        let endpoint = self.endpoints.get(index)?;
+        Some((endpoint, InFlightGuard::new(Arc::clone(self), index)))
+    }
+
+    /// Whether discovery lists an endpoint at `addr`.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.endpoints
+            .binary_search_by(|e| e.addr.cmp(&addr))
+            .is_ok()
+    }
+
     /// The three passes: strict; ejection ignored (never eject everything); exclusion ignored.
     fn select(
         &self,

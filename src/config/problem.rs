@@ -107,6 +107,11 @@ pub enum RouteProblem {
     CorsCredentials,
     #[error("invalid header name")]
     CanaryHeader,
+    /// An MCP route that cannot take POST (every MCP request but GET streams and DELETE is one).
+    #[error(
+        "protocol mcp needs POST among the methods (MCP clients send every message as a POST)"
+    )]
+    McpMethods,
     /// An older route serves the same prefix, hosts and conditions.
     #[error("prefix {prefix} on the same hosts and conditions is already served by {winner}")]
     Conflicted { prefix: String, winner: Arc<str> },
@@ -131,6 +136,7 @@ impl RouteProblem {
             Self::PathPrefix(_) => "spec.match.pathPrefix".into(),
             Self::Host { index, .. } => format!("spec.hosts[{index}]").into(),
             Self::Method { index, .. } => format!("spec.match.methods[{index}]").into(),
+            Self::McpMethods => "spec.match.methods".into(),
             Self::MatchHeader { index } => format!("spec.match.headers[{index}]").into(),
             Self::BodyField => "spec.match.bodyField".into(),
             Self::Duration { field, .. } => (*field).into(),

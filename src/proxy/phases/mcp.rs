@@ -1,0 +1,186 @@
+//! Phase 7 on `protocol: mcp` routes (instead of plain `forward`): MCP Streamable HTTP. POST
+//! (JSON or SSE answers), GET (the server's stream) and DELETE (end of session) go upstream with
+//! the route's timeouts, the same as `sse` routes.
+//!
+//! - **Sessions (2025-11-25 and earlier).** The `Mcp-Session-Id` a server hands out is replaced
+//!   by one the gateway seals ([`crate::mcp::session`]): it names the backend and endpoint the
+//!   session lives on and carries the server's own id. A request with an id goes to that
+//!   endpoint, on any replica with the keys; an id that does not open, or whose endpoint is no
+//!   longer listed, is answered 404 with JSON-RPC error -32001, so the client starts anew.
+//! - **Stateless (2026-07-28).** A request without a session id is balanced like any other and
+//!   its body is not read. Where something already read the body (a `bodyField` match), its
+//!   `Mcp-Method`/`Mcp-Name` headers must agree with it: else 400 (-32600), never forwarded.
+
+use http::header::{self, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use super::forward::{self, Forwarded, Pin};
+use super::respond;
+use crate::config::route::CompiledRoute;
+use crate::mcp::{self, SessionTarget};
+use crate::proxy::context::RequestCtx;
+use crate::proxy::{ProxyBody, ProxyError};
+
+/// Serves one request of an MCP route, from the upstream or with the gateway's own JSON-RPC
+/// answer.
+pub(crate) async fn run(
+    cx: &mut RequestCtx<'_>,
+    route: &CompiledRoute,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if !matches!(cx.head.method, Method::POST | Method::GET | Method::DELETE) {
+        return Err(ProxyError::MethodNotAllowed(HeaderValue::from_static(
+            "GET, POST, DELETE",
+        )));
+    }
+    if let Some(refused) = check_read_body(cx) {
+        return Ok(refused);
+    }
+    let Some(client_id) = cx.head.headers.get(mcp::SESSION_HEADER).cloned() else {
+        // No session (initialize, or a stateless request): balanced, a new session sealed.
+        let mut fwd = forward::run(cx, route).await?;
+        seal_new_session(cx, route, &mut fwd, None);
+        return Ok(respond::upstream(cx, route, fwd));
+    };
+    let keys = cx.gw.mcp_keys(&cx.snap);
+    let Some(target) = keys.open(&route.id, client_id.as_bytes()) else {
+        return Ok(session_not_found(cx).await);
+    };
+    let Some(pin) = live_endpoint(cx, route, &target) else {
+        return Ok(session_not_found(cx).await);
+    };
+    let Ok(upstream_id) = HeaderValue::from_str(&target.upstream_id) else {
+        return Ok(session_not_found(cx).await);
+    };
+    cx.head.headers.insert(mcp::SESSION_HEADER, upstream_id);
+    let mut fwd = forward::run_with(cx, route, Some(pin)).await?;
+    seal_new_session(cx, route, &mut fwd, Some((&target, client_id)));
+    Ok(respond::upstream(cx, route, fwd))
+}
+
+/// The backend index and endpoint of a session, if the route still has that backend and
+/// discovery still lists that endpoint.
+fn live_endpoint(
+    cx: &RequestCtx<'_>,
+    route: &CompiledRoute,
+    target: &SessionTarget,
+) -> Option<Pin> {
+    let backend = route
+        .backends
+        .iter()
+        .position(|b| *b.id == *target.backend)?;
+    let set = cx.snap.endpoints.get(&route.backends.get(backend)?.id)?;
+    set.load().contains(target.endpoint).then_some(Pin {
+        backend,
+        endpoint: target.endpoint,
+    })
+}
+
+/// Replaces the upstream's `Mcp-Session-Id` in its answer by the id the client sees: the one
+/// the client sent when the session is the same, else one sealed now for the endpoint that
+/// answered.
+fn seal_new_session(
+    cx: &RequestCtx<'_>,
+    route: &CompiledRoute,
+    fwd: &mut Forwarded,
+    current: Option<(&SessionTarget, HeaderValue)>,
+) {
+    let headers = fwd.resp.headers_mut();
+    let Some(upstream) = headers.get(mcp::SESSION_HEADER) else {
+        return;
+    };
+    let Ok(upstream) = upstream.to_str() else {
+        // Not visible ASCII, as the spec requires: the client gets no session id.
+        headers.remove(mcp::SESSION_HEADER);
+        return;
+    };
+    if let Some((target, client_id)) = current {
+        if target.upstream_id == upstream {
+            headers.insert(mcp::SESSION_HEADER, client_id);
+            return;
+        }
+    }
+    let target = SessionTarget {
+        backend: cx.outcome.upstream.as_deref().unwrap_or("").to_string(),
+        endpoint: fwd.guard.endpoint.addr(),
+        upstream_id: upstream.to_string(),
+    };
+    let sealed = cx
+        .gw
+        .mcp_keys(&cx.snap)
+        .seal(&route.id, &target)
+        .and_then(|s| HeaderValue::from_str(&s).ok());
+    match sealed {
+        Some(v) => {
+            headers.insert(mcp::SESSION_HEADER, v);
+        }
+        None => {
+            headers.remove(mcp::SESSION_HEADER);
+        }
+    }
+}
+
+/// 404 with JSON-RPC error -32001 and the request's id when its body has one.
+async fn session_not_found(cx: &mut RequestCtx<'_>) -> Response<ProxyBody> {
+    let id = if cx.head.method == Method::POST {
+        let cap = cx.gw.options.max_inspect_bytes;
+        match cx.body.buffer(cap).await {
+            Ok(b) => mcp::parse_message(b).ok().and_then(|m| m.id),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    jsonrpc_error(
+        StatusCode::NOT_FOUND,
+        id.as_ref(),
+        mcp::code::SESSION_NOT_FOUND,
+        "Session not found",
+    )
+}
+
+/// When an earlier phase has read the body (a `bodyField` match), it must be one JSON-RPC
+/// message that the `Mcp-Method`/`Mcp-Name` headers agree with. The refusal, if any.
+fn check_read_body(cx: &RequestCtx<'_>) -> Option<Response<ProxyBody>> {
+    if cx.head.method != Method::POST {
+        return None;
+    }
+    let body = cx.body.buffered()?;
+    let message = match mcp::parse_message(body) {
+        Ok(m) => m,
+        Err(p) => {
+            return Some(jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                p.code(),
+                &p.to_string(),
+            ))
+        }
+    };
+    let h = &cx.head.headers;
+    let method = h.get(mcp::METHOD_HEADER).map(HeaderValue::as_bytes);
+    let name = h.get(mcp::NAME_HEADER).map(HeaderValue::as_bytes);
+    if mcp::headers_agree(&message, method, name) {
+        return None;
+    }
+    Some(jsonrpc_error(
+        StatusCode::BAD_REQUEST,
+        message.id.as_ref(),
+        mcp::code::INVALID_REQUEST,
+        "Invalid Request: Mcp-Method or Mcp-Name does not match the body",
+    ))
+}
+
+fn jsonrpc_error(
+    status: StatusCode,
+    id: Option<&serde_json::Value>,
+    code: i64,
+    message: &str,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(mcp::error_body(id, code, message)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

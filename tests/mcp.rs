@@ -1,0 +1,321 @@
+//! `protocol: mcp` routes with the official MCP Python SDK on both sides: stateful servers
+//! (`MCPServer`) behind one route, SDK clients through one or two gateway processes; sealed
+//! session ids (forged, tampered, foreign, retired keys, endpoint gone); the stateless
+//! 2026-07-28 exchange; header/body disagreement refused before any server sees it.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use support::mcp::{client, McpServer};
+use support::process::GatewayProcess;
+use support::{bounded_for, route, secret, yaml, Backend};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn new_key() -> String {
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+}
+
+fn keys_secret(keys: &[&str]) -> Value {
+    secret(
+        "default",
+        "mcp-sessions",
+        "Opaque",
+        json!({"keys": keys.join("\n")}),
+    )
+}
+
+fn mcp_route(name: &str, prefix: &str, backends: &[String]) -> Value {
+    let backends: Vec<Value> = backends.iter().map(|u| json!({"url": u})).collect();
+    route(
+        name,
+        json!({
+            "match": {"pathPrefix": prefix},
+            "protocol": "mcp",
+            "auth": {"required": false},
+            "backends": backends,
+        }),
+    )
+}
+
+/// The acceptance case of the issue (A8): two instances of a stateful server behind one
+/// route, two gateway processes sharing the session Secret, 10 SDK sessions whose requests
+/// alternate between the gateways. Every session completes and every call is answered by the
+/// instance that owns its session. (Without sealed ids, 0-2 of 10 completed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_stay_on_their_instance_through_two_gateway_processes() {
+    bounded_for(LIMIT, async {
+        // One server answers with SSE, the other with JSON: both kinds of POST answer.
+        let a = McpServer::start("a", false).await;
+        let b = McpServer::start("b", true).await;
+        let key = new_key();
+        let config = yaml([
+            keys_secret(&[&key]),
+            mcp_route("tools", "/mcp", &[a.url(), b.url()]),
+        ]);
+        let args = ["--mcp-session-secret", "default/mcp-sessions"];
+        let g1 = GatewayProcess::start(&config, &args, &[]).await;
+        let g2 = GatewayProcess::start(&config, &args, &[]).await;
+        let urls = format!("{},{}", g1.url("/mcp"), g2.url("/mcp"));
+        let report = client(&["sessions", &urls, "10", "4"], LIMIT).await;
+        assert_eq!(report["completed"], 10, "{report:#}");
+        assert_eq!(report["owners"], json!(["a", "b"]), "{report:#}");
+        for r in report["results"].as_array().unwrap() {
+            assert_eq!(
+                r["tools"],
+                json!(["add", "delete_repo", "search_docs", "whoami"])
+            );
+        }
+    })
+    .await;
+}
+
+/// Two gateways that do not share keys (no --mcp-session-secret): a session opened on one is
+/// refused by the other with 404, as the spec wants for an unknown session, never sent to a
+/// server that does not know it. The control of the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_shared_secret_the_other_replica_answers_404() {
+    bounded_for(LIMIT, async {
+        let a = McpServer::start("a", true).await;
+        let config = yaml([mcp_route("tools", "/mcp", &[a.url()])]);
+        let g1 = GatewayProcess::start(&config, &[], &[]).await;
+        let g2 = GatewayProcess::start(&config, &[], &[]).await;
+        let http = support::client();
+        let id = initialize(&http, &g1.url("/mcp")).await;
+        assert_eq!(call(&http, &g1.url("/mcp"), &id, 2).await.0, 200);
+        let (status, body) = call(&http, &g2.url("/mcp"), &id, 3).await;
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["code"], -32001, "{body}");
+        assert_eq!(body["id"], 3, "{body}");
+        assert!(
+            g1.output().contains("sessions survive neither a restart"),
+            "the gateway says once that sessions are per process"
+        );
+    })
+    .await;
+}
+
+/// initialize over raw JSON (the server answers JSON); returns the session id the client sees.
+async fn initialize(http: &reqwest::Client, url: &str) -> String {
+    let resp = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}),
+        )
+        .send()
+        .await
+        .expect("initialize answers");
+    assert_eq!(resp.status(), 200);
+    let id = resp
+        .headers()
+        .get("mcp-session-id")
+        .expect("a session id")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["result"]["protocolVersion"], "2025-11-25", "{v}");
+    let n = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(n.status(), 202);
+    id
+}
+
+/// `tools/call whoami` in session `id`: status and JSON body.
+async fn call(http: &reqwest::Client, url: &str, id: &str, rpc_id: u64) -> (u16, Value) {
+    let resp = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": rpc_id, "method": "tools/call",
+            "params": {"name": "whoami", "arguments": {}}}),
+        )
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = resp.status().as_u16();
+    if status == 200 {
+        assert_eq!(
+            resp.headers().get("mcp-session-id").map(|v| v.as_bytes()),
+            Some(id.as_bytes()),
+            "the answer carries the client's session id, not the server's"
+        );
+    }
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// R11: ids that must not open answer 404 (-32001), never reach a server; key rotation keeps
+/// live sessions; an id sealed only under a retired key is refused; a session whose endpoint
+/// left the route is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ids_that_must_not_open_and_key_rotation() {
+    bounded_for(LIMIT, async {
+        let a = McpServer::start("a", true).await;
+        let b = McpServer::start("b", true).await;
+        let (k1, k2) = (new_key(), new_key());
+        let docs = |keys: &[&str], backend: &str| {
+            yaml([
+                keys_secret(keys),
+                mcp_route("tools", "/mcp", &[backend.to_string()]),
+                mcp_route("other", "/other", &[backend.to_string()]),
+            ])
+        };
+        let gw = support::gateway_with(docs(&[&k1], &a.url()), |o| {
+            o.mcp_session_secret =
+                Some(tollgate::config::ObjectKey::new("default", "mcp-sessions"));
+        })
+        .await;
+        let http = support::client();
+        let url = gw.url("/mcp");
+        let id1 = initialize(&http, &url).await;
+        let (status, body) = call(&http, &url, &id1, 2).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["result"]["content"][0]["text"], "a");
+
+        // Forged: an id of the right shape made by no gateway.
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([9u8; 90]);
+        let (status, body) = call(&http, &url, &forged, 3).await;
+        assert_eq!((status, &body["error"]["code"]), (404, &json!(-32001)));
+        assert_eq!(body["id"], 3);
+        // Tampered: one character of a real id changed.
+        let mut t = id1.clone().into_bytes();
+        let i = t.len() / 2;
+        t[i] = if t[i] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(t).unwrap();
+        assert_eq!(call(&http, &url, &tampered, 4).await.0, 404);
+        // The upstream's own id (what a client could learn from a server) does not open either.
+        assert_eq!(call(&http, &url, "0123456789abcdef", 5).await.0, 404);
+        // Foreign: a real id replayed on another route of the same gateway and server.
+        assert_eq!(call(&http, &gw.url("/other"), &id1, 6).await.0, 404);
+
+        // Rotation: k2 first, k1 still opens; the live session goes on.
+        gw.write_config(&docs(&[&k2, &k1], &a.url()));
+        let id2 = support::eventually(Duration::from_secs(10), "the new key seals", || {
+            let http = http.clone();
+            let url = url.clone();
+            let k1 = k1.clone();
+            async move {
+                let id = initialize(&http, &url).await;
+                let only_k1 = tollgate::mcp::SessionKeys::parse(k1.as_bytes()).unwrap();
+                only_k1
+                    .open("default/tools", id.as_bytes())
+                    .is_none()
+                    .then_some(id)
+            }
+        })
+        .await;
+        assert_eq!(call(&http, &url, &id1, 7).await.0, 200);
+        assert_eq!(call(&http, &url, &id2, 8).await.0, 200);
+        // k1 retired: its session is refused, k2's goes on.
+        gw.write_config(&docs(&[&k2], &a.url()));
+        support::eventually(Duration::from_secs(10), "k1 is retired", || {
+            let (http, url, id1) = (http.clone(), url.clone(), id1.clone());
+            async move { (call(&http, &url, &id1, 9).await.0 == 404).then_some(()) }
+        })
+        .await;
+        assert_eq!(call(&http, &url, &id2, 10).await.0, 200);
+
+        // The endpoint is gone: the route now goes to b only; a's session is refused.
+        gw.write_config(&docs(&[&k2], &b.url()));
+        support::eventually(Duration::from_secs(10), "a left the route", || {
+            let (http, url, id2) = (http.clone(), url.clone(), id2.clone());
+            async move { (call(&http, &url, &id2, 11).await.0 == 404).then_some(()) }
+        })
+        .await;
+        let id3 = initialize(&http, &url).await;
+        let (status, body) = call(&http, &url, &id3, 12).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["result"]["content"][0]["text"], "b");
+    })
+    .await;
+}
+
+/// 2026-07-28: the SDK's stateless exchange (server/discover, tools/list, tools/call, no
+/// session) through the gateway, balanced over two instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stateless_exchange_passes_through() {
+    bounded_for(LIMIT, async {
+        let a = McpServer::start("a", false).await;
+        let b = McpServer::start("b", true).await;
+        let gw = support::gateway(yaml([mcp_route("tools", "/mcp", &[a.url(), b.url()])])).await;
+        let report = client(&["stateless", &gw.url("/mcp")], LIMIT).await;
+        assert_eq!(report["version"], "2026-07-28", "{report}");
+        let add = report["add"].as_str().unwrap_or_default();
+        assert!(add == "5@a" || add == "5@b", "{report}");
+    })
+    .await;
+}
+
+/// Where the gateway reads the body (here a `bodyField` match), `Mcp-Method`/`Mcp-Name` that
+/// disagree with it are refused with 400 and a JSON-RPC error, and nothing reaches the server;
+/// a body that is not JSON-RPC likewise. Methods MCP does not use are 405.
+#[tokio::test]
+async fn headers_that_disagree_with_the_body_are_refused() {
+    support::bounded(async {
+        let backend = Backend::echo("mcp").await;
+        let r = route(
+            "tools",
+            json!({
+                "match": {"pathPrefix": "/mcp",
+                          "bodyField": {"name": "jsonrpc", "values": ["2.0"]}},
+                "protocol": "mcp",
+                "auth": {"required": false},
+                "backends": [{"url": backend.url()}],
+            }),
+        );
+        let gw = support::gateway(yaml([r])).await;
+        let url = gw.url("/mcp");
+        let post = |body: Value, method: &str, name: Option<&str>| {
+            let mut req = gw
+                .http
+                .post(&url)
+                .header("mcp-method", method)
+                .header("mcp-protocol-version", "2026-07-28")
+                .json(&body);
+            if let Some(n) = name {
+                req = req.header("mcp-name", n);
+            }
+            req.send()
+        };
+        let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                          "params": {"name": "search_docs", "arguments": {}}});
+        let lying = post(call.clone(), "tools/list", None).await.unwrap();
+        assert_eq!(lying.status(), 400);
+        let v: Value = lying.json().await.unwrap();
+        assert_eq!((&v["error"]["code"], &v["id"]), (&json!(-32600), &json!(5)));
+        let lying_name = post(call.clone(), "tools/call", Some("delete_repo"))
+            .await
+            .unwrap();
+        assert_eq!(lying_name.status(), 400);
+        assert_eq!(backend.count(), 0, "a refused request reached the server");
+        let honest = post(call, "tools/call", Some("search_docs")).await.unwrap();
+        assert_eq!(honest.status(), 200);
+        assert_eq!(backend.count(), 1);
+        let put = gw
+            .http
+            .put(&url)
+            .body(r#"{"jsonrpc": "2.0"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 405);
+        assert_eq!(put.headers()["allow"], "GET, POST, DELETE");
+    })
+    .await;
+}
