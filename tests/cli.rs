@@ -129,6 +129,20 @@ async fn check_refuses_bad_mcp_configuration() {
                 json!({"match": {"pathPrefix": "/mcp", "methods": ["GET"]}, "protocol": "mcp",
                        "backends": [{"url": "http://127.0.0.1:9000"}]}),
             ),
+            route_in(
+                "agents",
+                "plain",
+                json!({"match": {"pathPrefix": "/plain"},
+                       "mcp": {"tools": [{"name": "x", "roles": ["admin"]}]},
+                       "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
+            route_in(
+                "agents",
+                "ruled",
+                json!({"match": {"pathPrefix": "/ruled"}, "protocol": "mcp",
+                       "mcp": {"tools": [{"name": "x", "roles": []}]},
+                       "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
             support::secret(
                 "agents",
                 "mcp-sessions",
@@ -157,6 +171,16 @@ async fn check_refuses_bad_mcp_configuration() {
             text.lines()
                 .any(|l| l.contains("Secret agents/mcp-sessions")
                     && l.contains("line 1 is not 32 bytes")),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "AgentRoute agents/plain field spec.mcp: mcp is for routes with protocol mcp"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("AgentRoute agents/ruled field spec.mcp.tools[0]: a tool rule needs"),
             "{text}"
         );
         assert!(!text.contains("c2hvcnQta2V5"), "a key was printed: {text}");

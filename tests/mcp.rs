@@ -319,3 +319,140 @@ async fn headers_that_disagree_with_the_body_are_refused() {
     })
     .await;
 }
+
+/// Tool access by role, over an SSE-answering and a JSON-answering server: `tools/list` shows a
+/// user key only the tools it may use and an admin key all of them; a refused `tools/call`
+/// fails as that call only (the SDK raises for it, the session goes on) and never reaches the
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_are_listed_and_called_by_role_over_json_and_sse() {
+    bounded_for(LIMIT, async {
+        let a = McpServer::start("a", false).await;
+        let b = McpServer::start("b", true).await;
+        let ruled = |name: &str, prefix: &str, url: String| {
+            route(
+                name,
+                json!({
+                    "match": {"pathPrefix": prefix},
+                    "rewrite": {"pathPrefix": "/mcp"},
+                    "protocol": "mcp",
+                    "mcp": {"tools": [
+                        {"name": "search_*", "roles": ["user", "admin"]},
+                        {"name": "delete_*", "roles": ["admin"]},
+                    ]},
+                    "backends": [{"url": url}],
+                }),
+            )
+        };
+        let mut docs = vec![
+            ruled("sse", "/sse", a.url()),
+            ruled("json", "/json", b.url()),
+        ];
+        docs.extend(support::api_key(
+            "default",
+            "user",
+            "user-app",
+            "user-key-0123456789",
+            &["user"],
+            json!({}),
+        ));
+        docs.extend(support::api_key(
+            "default",
+            "admin",
+            "admin-app",
+            "admin-key-0123456789",
+            &["admin"],
+            json!({}),
+        ));
+        let gw = support::gateway(yaml(docs)).await;
+        for (path, owner) in [("/sse", "a"), ("/json", "b")] {
+            let user = client(&["tools", &gw.url(path), "user-key-0123456789"], LIMIT).await;
+            assert_eq!(
+                user["tools"],
+                json!(["add", "search_docs", "whoami"]),
+                "{path}: {user}"
+            );
+            assert_eq!(user["delete"]["code"], -32003, "{path}: {user}");
+            assert_eq!(user["after"], format!("found q@{owner}"), "{path}: {user}");
+            let admin = client(&["tools", &gw.url(path), "admin-key-0123456789"], LIMIT).await;
+            assert_eq!(
+                admin["tools"],
+                json!(["add", "delete_repo", "search_docs", "whoami"]),
+                "{path}: {admin}"
+            );
+            assert_eq!(
+                admin["delete"]["ok"],
+                format!("deleted x@{owner}"),
+                "{path}: {admin}"
+            );
+        }
+    })
+    .await;
+}
+
+/// A refused `tools/call` never reaches the server; `denyUnlisted` refuses what no rule names.
+#[tokio::test]
+async fn a_refused_tool_call_never_reaches_a_server() {
+    support::bounded(async {
+        let backend = Backend::echo("mcp").await;
+        let r = route(
+            "tools",
+            json!({
+                "match": {"pathPrefix": "/mcp"},
+                "protocol": "mcp",
+                "auth": {"required": false},
+                "mcp": {"tools": [{"name": "search_*", "roles": ["user"]}], "denyUnlisted": true},
+                "backends": [{"url": backend.url()}],
+            }),
+        );
+        let gw = support::gateway(yaml([r])).await;
+        let call = |name: &str| {
+            gw.http
+                .post(gw.url("/mcp"))
+                .json(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                              "params": {"name": name, "arguments": {}}}))
+                .send()
+        };
+        for tool in ["search_docs", "whoami"] {
+            let resp = call(tool).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(
+                (&v["error"]["code"], &v["id"]),
+                (&json!(-32003), &json!(9)),
+                "{tool}"
+            );
+        }
+        assert_eq!(backend.count(), 0);
+        let not_json = gw
+            .http
+            .post(gw.url("/mcp"))
+            .body("{nope")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(not_json.status(), 400);
+        let v: Value = not_json.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32700);
+        let batch = gw
+            .http
+            .post(gw.url("/mcp"))
+            .body("[]")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(batch.status(), 400);
+        assert_eq!(backend.count(), 0);
+        // Not a tools/call: forwarded.
+        let ping = gw
+            .http
+            .post(gw.url("/mcp"))
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ping.status(), 200);
+        assert_eq!(backend.count(), 1);
+    })
+    .await;
+}

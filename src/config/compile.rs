@@ -460,6 +460,7 @@ fn compile_route<'a>(
     if spec.protocol == crate::api::Protocol::Mcp && !methods.allows(&http::Method::POST) {
         out.push(RouteProblem::McpMethods);
     }
+    let mcp_tools = compile_mcp(spec, strings, &mut out);
     let conditions = headers.len() as u32 + u32::from(body_field.is_some());
     let timeouts = compile_timeouts(spec, &mut out);
     let retry = compile_retry(spec, &mut out);
@@ -499,6 +500,7 @@ fn compile_route<'a>(
         canary_header,
         sticky: spec.sticky.unwrap_or(Sticky::None),
         load_balancer: spec.load_balancer.unwrap_or_default(),
+        mcp_tools,
         weighted: crate::balance::weighted::WeightedBackends::with_identities(
             backends
                 .iter()
@@ -513,6 +515,39 @@ fn compile_route<'a>(
         backends,
         conditions,
     })
+}
+
+/// `spec.mcp`: tool access, on mcp routes only.
+fn compile_mcp<'a>(
+    spec: &'a AgentRouteSpec,
+    strings: &mut Interner<'a>,
+    out: &mut Vec<RouteProblem>,
+) -> Option<Arc<crate::mcp::ToolAccess>> {
+    let policy = spec.mcp.as_ref()?;
+    if spec.protocol != crate::api::Protocol::Mcp {
+        out.push(RouteProblem::McpNotMcp);
+        return None;
+    }
+    let mut rules = Vec::with_capacity(policy.tools.len());
+    for (index, rule) in policy.tools.iter().enumerate() {
+        if rule.name.is_empty() || rule.roles.is_empty() || rule.roles.iter().any(String::is_empty)
+        {
+            out.push(RouteProblem::McpToolRule { index });
+            continue;
+        }
+        rules.push(crate::mcp::tools::ToolRule {
+            name: rule.name.clone(),
+            roles: rule.roles.iter().map(|r| strings.get(r)).collect(),
+        });
+    }
+    if rules.is_empty() && !policy.deny_unlisted {
+        // Nothing to decide: every tool for everyone, and no body to read.
+        return None;
+    }
+    Some(Arc::new(crate::mcp::ToolAccess {
+        rules,
+        deny_unlisted: policy.deny_unlisted,
+    }))
 }
 
 /// What `spec.hosts` and `spec.match` compile to.

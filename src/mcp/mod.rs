@@ -3,10 +3,12 @@
 //! itself is the `mcp` phase of `proxy`; nothing here knows HTTP or hyper.
 
 pub mod session;
+pub mod tools;
 
 use serde_json::Value;
 
 pub use session::{SessionKeys, SessionTarget};
+pub use tools::ToolAccess;
 
 /// `Mcp-Session-Id` (2025-11-25 and earlier).
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -23,6 +25,8 @@ pub mod code {
     pub const INVALID_REQUEST: i64 = -32600;
     /// The session id does not open, or its endpoint is gone.
     pub const SESSION_NOT_FOUND: i64 = -32001;
+    /// The caller may not use this tool.
+    pub const TOOL_FORBIDDEN: i64 = -32003;
 }
 
 /// A JSON-RPC error object, with the request's id where it has one (else `null`).

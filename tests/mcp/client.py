@@ -7,8 +7,9 @@ tests. Prints one JSON line with what happened; exits 0 even when sessions fail 
       goes to the next one in turn (a client switching gateway replica mid-session).
   client.py stateless URL
       One 2026-07-28 exchange: server/discover, tools/list, tools/call (no session).
-  client.py one URL SESSION_ID_FILE
-      initialize + whoami, writes the session id to the file and leaves the session open.
+  client.py tools URL API_KEY
+      A session with this key: list_tools, a call of delete_repo (which may be refused), then a
+      call of search_docs in the same session.
 """
 
 import asyncio
@@ -93,10 +94,27 @@ async def stateless(url):
                 }))
 
 
+async def tools(url, key):
+    async with httpx2.AsyncClient(timeout=15, headers={"x-api-key": key}) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                listed = sorted(t.name for t in (await s.list_tools()).tools)
+                try:
+                    r = await s.call_tool("delete_repo", {"repo": "x"})
+                    delete = {"ok": text(r), "is_error": bool(r.is_error)}
+                except Exception as e:  # noqa: BLE001 - the refusal is what is tested
+                    delete = {"error": describe(e), "code": getattr(getattr(e, "error", None), "code", None)}
+                after = text(await s.call_tool("search_docs", {"query": "q"}))
+                print(json.dumps({"tools": listed, "delete": delete, "after": after}))
+
+
 def main():
     mode = sys.argv[1]
     if mode == "sessions":
         asyncio.run(sessions(sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])))
+    elif mode == "tools":
+        asyncio.run(tools(sys.argv[2], sys.argv[3]))
     elif mode == "stateless":
         asyncio.run(stateless(sys.argv[2]))
     else:

@@ -10,14 +10,23 @@
 //! - **Stateless (2026-07-28).** A request without a session id is balanced like any other and
 //!   its body is not read. Where something already read the body (a `bodyField` match), its
 //!   `Mcp-Method`/`Mcp-Name` headers must agree with it: else 400 (-32600), never forwarded.
+//! - **Tool access** (`mcp.tools`, `denyUnlisted`). On routes with rules every POST body is
+//!   read (up to the 1 MiB inspect limit; 413 above): a `tools/call` of a tool the caller's roles
+//!   do not allow is answered 200 with JSON-RPC error -32003 and never forwarded; the answer to
+//!   a `tools/list` is cut to the allowed tools as it passes (JSON whole, SSE event by event).
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::forward::{self, Forwarded, Pin};
 use super::respond;
 use crate::config::route::CompiledRoute;
-use crate::mcp::{self, SessionTarget};
+use crate::mcp::tools::ListFilter;
+use crate::mcp::{self, SessionTarget, ToolAccess};
+use crate::proxy::body::{BodyError, BodyMap};
 use crate::proxy::context::RequestCtx;
 use crate::proxy::{ProxyBody, ProxyError};
 
@@ -27,18 +36,45 @@ pub(crate) async fn run(
     cx: &mut RequestCtx<'_>,
     route: &CompiledRoute,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut list_filter = None;
     if !matches!(cx.head.method, Method::POST | Method::GET | Method::DELETE) {
         return Err(ProxyError::MethodNotAllowed(HeaderValue::from_static(
             "GET, POST, DELETE",
         )));
     }
-    if let Some(refused) = check_read_body(cx) {
-        return Ok(refused);
+    if let (Some(access), &Method::POST) = (&route.mcp_tools, &cx.head.method) {
+        // Tool rules read the body, whatever the headers say.
+        if let Err(e) = cx.body.buffer(cx.gw.options.max_inspect_bytes).await {
+            return Ok(match e {
+                ProxyError::PayloadTooLarge => jsonrpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                    mcp::code::INVALID_REQUEST,
+                    "Request body too large",
+                ),
+                other => return Err(other),
+            });
+        }
+        match read_message(cx) {
+            Err(refused) => return Ok(refused.answer()),
+            Ok(Some(message)) => {
+                if let Some(refused) = tool_decision(cx, access, &message) {
+                    return Ok(refused);
+                }
+                if message.method.as_deref() == Some("tools/list") {
+                    list_filter = Some(access.clone());
+                }
+            }
+            Ok(None) => {}
+        }
+    } else if let Err(refused) = read_message(cx) {
+        return Ok(refused.answer());
     }
     let Some(client_id) = cx.head.headers.get(mcp::SESSION_HEADER).cloned() else {
         // No session (initialize, or a stateless request): balanced, a new session sealed.
         let mut fwd = forward::run(cx, route).await?;
         seal_new_session(cx, route, &mut fwd, None);
+        filter_list(cx, &mut fwd, list_filter);
         return Ok(respond::upstream(cx, route, fwd));
     };
     let keys = cx.gw.mcp_keys(&cx.snap);
@@ -54,6 +90,7 @@ pub(crate) async fn run(
     cx.head.headers.insert(mcp::SESSION_HEADER, upstream_id);
     let mut fwd = forward::run_with(cx, route, Some(pin)).await?;
     seal_new_session(cx, route, &mut fwd, Some((&target, client_id)));
+    filter_list(cx, &mut fwd, list_filter);
     Ok(respond::upstream(cx, route, fwd))
 }
 
@@ -138,36 +175,109 @@ async fn session_not_found(cx: &mut RequestCtx<'_>) -> Response<ProxyBody> {
     )
 }
 
-/// When an earlier phase has read the body (a `bodyField` match), it must be one JSON-RPC
-/// message that the `Mcp-Method`/`Mcp-Name` headers agree with. The refusal, if any.
-fn check_read_body(cx: &RequestCtx<'_>) -> Option<Response<ProxyBody>> {
+/// When the body has been read (tool rules, a `bodyField` match), it must be one JSON-RPC
+/// message that the `Mcp-Method`/`Mcp-Name` headers agree with: the message, or the refusal.
+fn read_message(cx: &RequestCtx<'_>) -> Result<Option<mcp::Message>, Refusal> {
     if cx.head.method != Method::POST {
-        return None;
+        return Ok(None);
     }
-    let body = cx.body.buffered()?;
-    let message = match mcp::parse_message(body) {
-        Ok(m) => m,
-        Err(p) => {
-            return Some(jsonrpc_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                p.code(),
-                &p.to_string(),
-            ))
-        }
+    let Some(body) = cx.body.buffered() else {
+        return Ok(None);
     };
+    let message = mcp::parse_message(body).map_err(|p| Refusal {
+        id: None,
+        code: p.code(),
+        message: p.to_string(),
+    })?;
     let h = &cx.head.headers;
     let method = h.get(mcp::METHOD_HEADER).map(HeaderValue::as_bytes);
     let name = h.get(mcp::NAME_HEADER).map(HeaderValue::as_bytes);
-    if mcp::headers_agree(&message, method, name) {
+    if !mcp::headers_agree(&message, method, name) {
+        return Err(Refusal {
+            id: message.id,
+            code: mcp::code::INVALID_REQUEST,
+            message: "Invalid Request: Mcp-Method or Mcp-Name does not match the body".into(),
+        });
+    }
+    Ok(Some(message))
+}
+
+/// A body the gateway refuses with 400 and a JSON-RPC error.
+struct Refusal {
+    id: Option<serde_json::Value>,
+    code: i64,
+    message: String,
+}
+
+impl Refusal {
+    fn answer(&self) -> Response<ProxyBody> {
+        jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            self.id.as_ref(),
+            self.code,
+            &self.message,
+        )
+    }
+}
+
+/// The caller's roles (none for an anonymous caller).
+fn caller_roles(cx: &RequestCtx<'_>) -> Arc<[Arc<str>]> {
+    cx.caller
+        .as_ref()
+        .map_or_else(|| Arc::from([]), |c| c.key.roles.clone())
+}
+
+/// A `tools/call` of a tool the caller may not use: answered here, HTTP 200 with JSON-RPC
+/// error -32003 for that call alone (its session goes on), never forwarded.
+fn tool_decision(
+    cx: &RequestCtx<'_>,
+    access: &ToolAccess,
+    message: &mcp::Message,
+) -> Option<Response<ProxyBody>> {
+    if message.method.as_deref() != Some("tools/call") {
+        return None;
+    }
+    let tool = message.name.as_deref().unwrap_or("");
+    if access.allows(tool, &caller_roles(cx)) {
         return None;
     }
     Some(jsonrpc_error(
-        StatusCode::BAD_REQUEST,
+        StatusCode::OK,
         message.id.as_ref(),
-        mcp::code::INVALID_REQUEST,
-        "Invalid Request: Mcp-Method or Mcp-Name does not match the body",
+        mcp::code::TOOL_FORBIDDEN,
+        "Tool not allowed for this caller",
     ))
+}
+
+/// Cuts the answer to a `tools/list` to the tools the caller may use, JSON or SSE.
+fn filter_list(cx: &RequestCtx<'_>, fwd: &mut Forwarded, access: Option<Arc<ToolAccess>>) {
+    let Some(access) = access else {
+        return;
+    };
+    let headers = fwd.resp.headers_mut();
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    // The filtered answer is shorter than the announced one.
+    headers.remove(header::CONTENT_LENGTH);
+    let max = usize::try_from(cx.gw.options.max_inspect_bytes).unwrap_or(usize::MAX);
+    let filter = ListFilter::new(access, caller_roles(cx), sse, max);
+    let body = std::mem::replace(fwd.resp.body_mut(), ProxyBody::empty());
+    *fwd.resp.body_mut() = ProxyBody::mapped(body, Box::new(ListMap(filter)));
+}
+
+struct ListMap(ListFilter);
+
+impl BodyMap for ListMap {
+    fn data(&mut self, data: &[u8]) -> Result<Bytes, BodyError> {
+        self.0
+            .push(data)
+            .map(Bytes::from)
+            .map_err(|_| BodyError::TooLarge)
+    }
+    fn end(&mut self) -> Bytes {
+        Bytes::from(self.0.finish())
+    }
 }
 
 fn jsonrpc_error(
