@@ -453,6 +453,16 @@ async fn a_refused_tool_call_never_reaches_a_server() {
             .unwrap();
         assert_eq!(ping.status(), 200);
         assert_eq!(backend.count(), 1);
+        let text = gw.metrics().await;
+        for line in [
+            r#"tollgate_mcp_tool_calls_total{outcome="tool_forbidden",route="default/tools",tool="whoami"} 1"#,
+            r#"tollgate_mcp_tool_calls_total{outcome="tool_forbidden",route="default/tools",tool="search_docs"} 1"#,
+            r#"tollgate_mcp_requests_total{method="tools/call",outcome="tool_forbidden",route="default/tools"} 2"#,
+            r#"tollgate_mcp_requests_total{method="ping",outcome="ok",route="default/tools"} 1"#,
+            r#"tollgate_mcp_requests_total{method="unknown",outcome="refused",route="default/tools"} 2"#,
+        ] {
+            assert!(text.contains(line), "no {line} in:\n{text}");
+        }
     })
     .await;
 }

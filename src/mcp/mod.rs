@@ -17,6 +17,40 @@ pub const METHOD_HEADER: &str = "mcp-method";
 /// `Mcp-Name` (2026-07-28): the tool, prompt (`params.name`) or resource (`params.uri`).
 pub const NAME_HEADER: &str = "mcp-name";
 
+/// The `method` label of a JSON-RPC method: the method itself when the protocol defines it,
+/// else `other` (labels stay bounded whatever clients send).
+pub fn method_label(method: &[u8]) -> &'static str {
+    const KNOWN: [&str; 22] = [
+        "initialize",
+        "ping",
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "subscriptions/listen",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+        "sampling/createMessage",
+        "elicitation/create",
+        "roots/list",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes() == method)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// JSON-RPC error codes the gateway answers with.
 pub mod code {
     /// The body is not JSON.

@@ -30,11 +30,71 @@ use crate::proxy::body::{BodyError, BodyMap};
 use crate::proxy::context::RequestCtx;
 use crate::proxy::{ProxyBody, ProxyError};
 
+/// What the metrics of an MCP request say about it.
+struct Seen {
+    method: &'static str,
+    tool: Option<String>,
+    tool_forbidden: bool,
+    session_refused: bool,
+}
+
 /// Serves one request of an MCP route, from the upstream or with the gateway's own JSON-RPC
-/// answer.
+/// answer, and counts it in `tollgate_mcp_requests_total` (and `_tool_calls_total`).
 pub(crate) async fn run(
     cx: &mut RequestCtx<'_>,
     route: &CompiledRoute,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let h = &cx.head.headers;
+    let mut seen = Seen {
+        method: match (&cx.head.method, h.get(mcp::METHOD_HEADER)) {
+            (&Method::GET, _) => "GET",
+            (&Method::DELETE, _) => "DELETE",
+            (_, Some(m)) => mcp::method_label(m.as_bytes()),
+            _ => "unknown",
+        },
+        tool: h
+            .get(mcp::NAME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        tool_forbidden: false,
+        session_refused: false,
+    };
+    let answer = serve(cx, route, &mut seen).await;
+    let status = match &answer {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    let outcome = if seen.tool_forbidden {
+        "tool_forbidden"
+    } else if seen.session_refused {
+        "session_not_found"
+    } else if status.is_success() {
+        "ok"
+    } else if status.is_client_error() {
+        "refused"
+    } else {
+        "error"
+    };
+    let m = &cx.gw.metrics;
+    let tool_label = (seen.method == "tools/call")
+        .then(|| seen.tool.as_deref().map(|t| m.mcp_tool_label(&route.id, t)))
+        .flatten();
+    if let Some(label) = &tool_label {
+        m.mcp_tool_calls_total
+            .with_label_values(&[&*route.id, label.as_str(), outcome])
+            .inc();
+    }
+    cx.outcome.mcp = Some(Box::new((seen.method, tool_label)));
+    m.mcp_requests_total
+        .with_label_values(&[&*route.id, seen.method, outcome])
+        .inc();
+    answer
+}
+
+async fn serve(
+    cx: &mut RequestCtx<'_>,
+    route: &CompiledRoute,
+    seen: &mut Seen,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let mut list_filter = None;
     if !matches!(cx.head.method, Method::POST | Method::GET | Method::DELETE) {
@@ -58,7 +118,10 @@ pub(crate) async fn run(
         match read_message(cx) {
             Err(refused) => return Ok(refused.answer()),
             Ok(Some(message)) => {
+                seen.method = mcp::method_label(message.method.as_deref().unwrap_or("").as_bytes());
+                seen.tool.clone_from(&message.name);
                 if let Some(refused) = tool_decision(cx, access, &message) {
+                    seen.tool_forbidden = true;
                     return Ok(refused);
                 }
                 if message.method.as_deref() == Some("tools/list") {
@@ -67,8 +130,15 @@ pub(crate) async fn run(
             }
             Ok(None) => {}
         }
-    } else if let Err(refused) = read_message(cx) {
-        return Ok(refused.answer());
+    } else {
+        match read_message(cx) {
+            Err(refused) => return Ok(refused.answer()),
+            Ok(Some(message)) => {
+                seen.method = mcp::method_label(message.method.as_deref().unwrap_or("").as_bytes());
+                seen.tool.clone_from(&message.name);
+            }
+            Ok(None) => {}
+        }
     }
     let Some(client_id) = cx.head.headers.get(mcp::SESSION_HEADER).cloned() else {
         // No session (initialize, or a stateless request): balanced, a new session sealed.
@@ -78,13 +148,12 @@ pub(crate) async fn run(
         return Ok(respond::upstream(cx, route, fwd));
     };
     let keys = cx.gw.mcp_keys(&cx.snap);
-    let Some(target) = keys.open(&route.id, client_id.as_bytes()) else {
-        return Ok(session_not_found(cx).await);
-    };
-    let Some(pin) = live_endpoint(cx, route, &target) else {
-        return Ok(session_not_found(cx).await);
-    };
-    let Ok(upstream_id) = HeaderValue::from_str(&target.upstream_id) else {
+    let pinned = keys
+        .open(&route.id, client_id.as_bytes())
+        .and_then(|t| Some((live_endpoint(cx, route, &t)?, t)))
+        .and_then(|(pin, t)| Some((pin, HeaderValue::from_str(&t.upstream_id).ok()?, t)));
+    let Some((pin, upstream_id, target)) = pinned else {
+        seen.session_refused = true;
         return Ok(session_not_found(cx).await);
     };
     cx.head.headers.insert(mcp::SESSION_HEADER, upstream_id);
