@@ -69,9 +69,12 @@ pub fn pick_upstream<'a>(
         LoadBalancer::RoundRobin => LbPolicy::RoundRobin,
         LoadBalancer::Random => LbPolicy::Random,
     };
-    let (endpoint, guard) = set
-        .pick_excluding(lb, rand::random(), tried)
-        .ok_or(ProxyError::NoEndpoint)?;
+    // A sticky client keeps its endpoint too, the same on every replica.
+    let (endpoint, guard) = match sticky {
+        Some(client) => set.pick_sticky(crate::balance::stable_hash(client.as_bytes()), tried),
+        None => set.pick_excluding(lb, rand::random(), tried),
+    }
+    .ok_or(ProxyError::NoEndpoint)?;
     Ok(picked(gw, backend, endpoint.addr, guard))
 }
 
