@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
 /// The virtualenv's Python: `TOLLGATE_MCP_PYTHON`, else the one scripts/test.sh makes.
@@ -97,4 +97,65 @@ pub async fn client(args: &[&str], limit: Duration) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
+}
+
+/// initialize over raw JSON (the server answers JSON); returns the session id the client sees.
+pub async fn initialize(http: &reqwest::Client, url: &str) -> String {
+    let resp = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}),
+        )
+        .send()
+        .await
+        .expect("initialize answers");
+    assert_eq!(resp.status(), 200);
+    let id = resp
+        .headers()
+        .get("mcp-session-id")
+        .expect("a session id")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["result"]["protocolVersion"], "2025-11-25", "{v}");
+    let n = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(n.status(), 202);
+    id
+}
+
+/// `tools/call whoami` in session `id`: status and JSON body.
+pub async fn call(http: &reqwest::Client, url: &str, id: &str, rpc_id: u64) -> (u16, Value) {
+    let resp = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": rpc_id, "method": "tools/call",
+            "params": {"name": "whoami", "arguments": {}}}),
+        )
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = resp.status().as_u16();
+    if status == 200 {
+        assert_eq!(
+            resp.headers().get("mcp-session-id").map(|v| v.as_bytes()),
+            Some(id.as_bytes()),
+            "the answer carries the client's session id, not the server's"
+        );
+    }
+    (status, resp.json().await.unwrap_or(Value::Null))
 }
