@@ -50,7 +50,7 @@ async fn run(cx: &mut RequestCtx<'_>) -> Result<Response<ProxyBody>, ProxyError>
         // Boxed like the WebSocket relay: other routes' futures stay as they were.
         return Box::pin(mcp::run(cx, &route)).await;
     }
-    let upstream = forward::run(cx, &route).await?;
+    let upstream = forward::run(cx, &route, None).await?;
     Ok(respond::upstream(cx, &route, upstream))
 }
 

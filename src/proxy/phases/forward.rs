@@ -23,14 +23,6 @@ pub(crate) struct Forwarded {
     pub(crate) deadline: Option<Instant>,
 }
 
-/// Sends the request until an attempt answers, or the last one fails.
-pub(crate) async fn run(
-    cx: &mut RequestCtx<'_>,
-    route: &CompiledRoute,
-) -> Result<Forwarded, ProxyError> {
-    run_with(cx, route, None).await
-}
-
 /// Where every attempt of a request must go: backend index and endpoint (an MCP session).
 #[derive(Clone, Copy)]
 pub(crate) struct Pin {
@@ -38,11 +30,13 @@ pub(crate) struct Pin {
     pub(crate) endpoint: SocketAddr,
 }
 
-/// [`run`], with every attempt sent to `pin` when given instead of picked by the balancer.
-pub(crate) async fn run_with(
+/// Sends the request until an attempt answers, or the last one fails; every attempt goes to
+/// `pin` when given (by reference: the request future of other routes stays as small as it was)
+/// instead of being picked by the balancer.
+pub(crate) async fn run(
     cx: &mut RequestCtx<'_>,
     route: &CompiledRoute,
-    pin: Option<Pin>,
+    pin: Option<&Pin>,
 ) -> Result<Forwarded, ProxyError> {
     outbound::prepare_headers(cx, false);
     let gw = cx.gw;

@@ -142,7 +142,7 @@ async fn serve(
     }
     let Some(client_id) = cx.head.headers.get(mcp::SESSION_HEADER).cloned() else {
         // No session (initialize, or a stateless request): balanced, a new session sealed.
-        let mut fwd = forward::run(cx, route).await?;
+        let mut fwd = forward::run(cx, route, None).await?;
         seal_new_session(cx, route, &mut fwd, None);
         filter_list(cx, &mut fwd, list_filter);
         return Ok(respond::upstream(cx, route, fwd));
@@ -157,7 +157,7 @@ async fn serve(
         return Ok(session_not_found(cx).await);
     };
     cx.head.headers.insert(mcp::SESSION_HEADER, upstream_id);
-    let mut fwd = forward::run_with(cx, route, Some(pin)).await?;
+    let mut fwd = forward::run(cx, route, Some(&pin)).await?;
     seal_new_session(cx, route, &mut fwd, Some((&target, client_id)));
     filter_list(cx, &mut fwd, list_filter);
     Ok(respond::upstream(cx, route, fwd))
