@@ -29,5 +29,22 @@ TOLLGATE_H2SPEC="$(hack/build-go-tool.sh h2spec | tail -n 1)"
 export TOLLGATE_H2SPEC
 echo "    $TOLLGATE_H2SPEC"
 
+echo "==> MCP Python SDK (pinned; one virtualenv, cached)"
+# The MCP tests run the official SDK as servers and clients (tests/support/mcp.rs).
+MCP_SDK_VERSION=2.3.0
+TOLLGATE_MCP_VENV=/var/cache/tollgate-tools/py-mcp-$MCP_SDK_VERSION
+if ! "$TOLLGATE_MCP_VENV/bin/python" -c "import mcp, uvicorn" >/dev/null 2>&1; then
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
+  $SUDO mkdir -p /var/cache/tollgate-tools
+  $SUDO rm -rf "$TOLLGATE_MCP_VENV"
+  $SUDO python3 -m venv "$TOLLGATE_MCP_VENV"
+  $SUDO "$TOLLGATE_MCP_VENV/bin/pip" install -q "mcp==$MCP_SDK_VERSION" uvicorn
+fi
+export TOLLGATE_MCP_PYTHON="$TOLLGATE_MCP_VENV/bin/python"
+echo "    $TOLLGATE_MCP_PYTHON"
+
 echo "==> cargo test"
 cargo test --locked "$@"

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub proxy: ProxyOptions,
     pub upstream: UpstreamOptions,
     pub metrics_per_client: bool,
+    /// The Secret of MCP session keys (`--mcp-session-secret`); `None`: a random key per process.
+    pub mcp_session_secret: Option<crate::config::ObjectKey>,
     /// Cluster DNS domain for Service names.
     pub cluster_domain: String,
     /// How Service backends are discovered (standalone always uses DNS).
@@ -62,6 +64,7 @@ impl ServeOptions {
             proxy: ProxyOptions::default(),
             upstream: UpstreamOptions::default(),
             metrics_per_client: false,
+            mcp_session_secret: None,
             cluster_domain: "cluster.local".to_string(),
             discovery: DiscoveryMode::Dns,
             dns: DnsConfig::default(),
@@ -77,6 +80,7 @@ impl ServeOptions {
             default_rpm: self.default_rpm,
             generation,
             cluster_domain: self.cluster_domain.clone(),
+            mcp_session_secret: self.mcp_session_secret.clone(),
         }
     }
 }
@@ -192,6 +196,12 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, AppError> {
         None => None,
     };
     let limiter = Arc::new(RateLimiter::new(redis));
+    if opts.mcp_session_secret.is_none() {
+        tracing::info!(
+            "no --mcp-session-secret: MCP session ids are sealed with a random key of this \
+             process, so MCP sessions survive neither a restart nor a second replica"
+        );
+    }
     // Idle buckets (full again) are evicted every 10 s so memory follows active clients.
     let sweeper = limiter.spawn_sweeper(crate::ratelimit::DEFAULT_SWEEP_INTERVAL);
     // Keys the auth service admits get the defaults of keys that name no limit.

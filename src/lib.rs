@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod mcp;
 pub mod proxy;
 pub mod ratelimit;
 pub mod sources;

@@ -56,6 +56,9 @@ enum Command {
         /// Only routes of this class are checked as served.
         #[arg(long, default_value = "tollgate")]
         gateway_class: String,
+        /// Also check this Secret of MCP session keys (NAMESPACE/NAME), as `standalone` would.
+        #[arg(long, value_parser = parse_object_key)]
+        mcp_session_secret: Option<tollgate::config::ObjectKey>,
     },
     /// Standalone plus built-in demo agent services and example keys; prints curl lines to try.
     /// Listens on 127.0.0.1 only (the demo keys are public) unless --bind says otherwise.
@@ -146,6 +149,11 @@ struct Common {
     /// Add per-client labels to a request counter (watch the cardinality).
     #[arg(long)]
     metrics_per_client: bool,
+    /// The Secret (NAMESPACE/NAME; standalone: one in the config files) whose `keys` entry
+    /// seals MCP session ids: one 32-byte standard-base64 key per line, newest first. Every
+    /// replica given the same Secret routes every session. Unset: a random key per process.
+    #[arg(long, value_parser = parse_object_key, env = "TOLLGATE_MCP_SESSION_SECRET")]
+    mcp_session_secret: Option<tollgate::config::ObjectKey>,
     /// Shared request and token limits across replicas: `redis://host:port[/db]`. If Redis
     /// is unreachable, limits fall back to each replica's own (logged and counted).
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
@@ -261,6 +269,15 @@ impl KubeFlags {
     }
 }
 
+fn parse_object_key(s: &str) -> Result<tollgate::config::ObjectKey, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(tollgate::config::ObjectKey::new(ns, name))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
 fn parse_dur(s: &str) -> Result<Duration, String> {
     tollgate::api::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -313,6 +330,7 @@ impl Common {
                 ..UpstreamOptions::default()
             },
             metrics_per_client: self.metrics_per_client,
+            mcp_session_secret: self.mcp_session_secret.clone(),
             redis_url: self.redis_url.clone(),
             redis_timeout: self.redis_timeout,
             ext_auth: self.ext_auth_url.as_ref().map(|url| ExtAuthConfig {
@@ -392,8 +410,9 @@ fn run() -> Result<ExitCode> {
         Command::Check {
             config,
             gateway_class,
+            mcp_session_secret,
         } => {
-            let problems = tollgate::sources::check(&config, &gateway_class);
+            let problems = tollgate::sources::check(&config, &gateway_class, mcp_session_secret);
             if problems.is_empty() {
                 println!("{}: ok", config.display());
                 Ok(ExitCode::SUCCESS)
@@ -424,7 +443,8 @@ fn run() -> Result<ExitCode> {
         } => {
             let _log = logging::init(common.log_format);
             let opts = listeners.serve_options(&common)?;
-            let kube_opts = kube.options(&common.gateway_class);
+            let mut kube_opts = kube.options(&common.gateway_class);
+            kube_opts.mcp_session_secret = opts.mcp_session_secret.clone();
             common.runtime()?.block_on(async move {
                 let running = app::start_kubernetes(&opts, &kube_opts).await?;
                 shutdown_signal().await;

@@ -115,6 +115,91 @@ async fn check_lists_every_problem_with_its_file_and_field() {
     .await;
 }
 
+/// MCP configuration that cannot work is refused by `check`: an mcp route that cannot take
+/// POST, and a session key Secret whose keys are not 32-byte base64 (named by line, never shown).
+#[tokio::test]
+async fn check_refuses_bad_mcp_configuration() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("mcp.yaml");
+        let docs = vec![
+            route_in(
+                "agents",
+                "tools",
+                json!({"match": {"pathPrefix": "/mcp", "methods": ["GET"]}, "protocol": "mcp",
+                       "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
+            route_in(
+                "agents",
+                "plain",
+                json!({"match": {"pathPrefix": "/plain"},
+                       "mcp": {"tools": [{"name": "x", "roles": ["admin"]}]},
+                       "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
+            route_in(
+                "agents",
+                "ruled",
+                json!({"match": {"pathPrefix": "/ruled"}, "protocol": "mcp",
+                       "mcp": {"tools": [{"name": "x", "roles": []}]},
+                       "backends": [{"url": "http://127.0.0.1:9000"}]}),
+            ),
+            support::secret(
+                "agents",
+                "mcp-sessions",
+                "Opaque",
+                json!({"keys": "c2hvcnQta2V5\n"}),
+            ),
+        ];
+        std::fs::write(&file, yaml(docs)).expect("write mcp.yaml");
+        let args = [
+            "check",
+            "--config",
+            path_str(&file),
+            "--mcp-session-secret",
+            "agents/mcp-sessions",
+        ];
+        let out = tollgate(&args).await;
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.lines().any(|l| l.contains("AgentRoute agents/tools")
+                && l.contains("field spec.match.methods")
+                && l.contains("needs POST")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.contains("Secret agents/mcp-sessions")
+                    && l.contains("line 1 is not 32 bytes")),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "AgentRoute agents/plain field spec.mcp: mcp is for routes with protocol mcp"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("AgentRoute agents/ruled field spec.mcp.tools[0]: a tool rule needs"),
+            "{text}"
+        );
+        assert!(!text.contains("c2hvcnQta2V5"), "a key was printed: {text}");
+        let missing = [
+            "check",
+            "--config",
+            path_str(&file),
+            "--mcp-session-secret",
+            "agents/nope",
+        ];
+        let text = stdout(&tollgate(&missing).await);
+        assert!(
+            text.contains("Secret agents/nope") && text.contains("missing"),
+            "{text}"
+        );
+    })
+    .await;
+}
+
 /// Strict field validation, as `kubectl apply --validate=strict`: every field the gateway does
 /// not know is an error with its file, document and path; the rest of the file checks as usual.
 #[tokio::test]

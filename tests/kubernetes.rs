@@ -1286,3 +1286,93 @@ async fn an_api_server_outage_is_one_warn_and_one_info_and_a_metric() {
     })
     .await
 }
+
+/// `--mcp-session-secret` in Kubernetes mode: two gateways given the same Secret route each
+/// other's MCP sessions to the server that holds them; a new key put first keeps the live
+/// session; once its key is removed from the Secret, the session's id no longer opens (404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_sessions_cross_replicas_with_the_session_secret_and_follow_its_changes() {
+    use base64::Engine as _;
+    let cp = shared();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "mcp").await;
+        let server = support::mcp::McpServer::start("a", true).await;
+        let key = || base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+        let (k1, k2) = (key(), key());
+        let keys_secret =
+            |keys: String| secret(&ns, "mcp-sessions", "Opaque", json!({"keys": keys}));
+        apply(&admin, keys_secret(k1.clone())).await;
+        apply(
+            &admin,
+            route(
+                &ns,
+                "tools",
+                json!({"match": {"pathPrefix": "/mcp"}, "protocol": "mcp",
+                       "auth": {"required": false}, "backends": [{"url": server.url()}]}),
+            ),
+        )
+        .await;
+        let name = tollgate::config::ObjectKey::new(&ns, "mcp-sessions");
+        let serve = tollgate::app::ServeOptions {
+            mcp_session_secret: Some(name.clone()),
+            ..serve_options()
+        };
+        let kube = |id: &str| tollgate::sources::kubernetes::KubeOptions {
+            mcp_session_secret: Some(name.clone()),
+            ..kube_options(&cp.admin_kubeconfig(), &ns, id)
+        };
+        let g1 = gateway(&serve, &kube("gw1")).await;
+        let g2 = gateway(&serve, &kube("gw2")).await;
+        let http = http();
+        let (u1, u2) = (format!("{}/mcp", base(&g1)), format!("{}/mcp", base(&g2)));
+        eventually(SERVED, "the route serves", || async {
+            let r = http
+                .post(&u1)
+                .header("accept", "application/json, text/event-stream")
+                .json(&json!({"jsonrpc": "2.0", "id": 0, "method": "ping"}))
+                .send()
+                .await
+                .ok()?;
+            (r.status() != 404).then_some(())
+        })
+        .await;
+        let id = support::mcp::initialize(&http, &u1).await;
+        let (status, body) = support::mcp::call(&http, &u2, &id, 2).await;
+        assert_eq!(
+            status, 200,
+            "a session opened on one replica continues on the other: {body}"
+        );
+        assert_eq!(body["result"]["content"][0]["text"], "a");
+
+        apply(&admin, keys_secret(format!("{k2}\n{k1}"))).await;
+        let fresh = eventually(SERVED, "both replicas seal with the new key", || async {
+            let a = support::mcp::initialize(&http, &u1).await;
+            let old = tollgate::mcp::SessionKeys::parse(k1.as_bytes()).ok()?;
+            old.open(&format!("{ns}/tools"), a.as_bytes())
+                .is_none()
+                .then_some(a)
+        })
+        .await;
+        assert_eq!(
+            support::mcp::call(&http, &u2, &id, 3).await.0,
+            200,
+            "the old key still opens"
+        );
+        apply(&admin, keys_secret(k2.clone())).await;
+        eventually(
+            SERVED,
+            "the retired key's session is refused on both",
+            || async {
+                let a = support::mcp::call(&http, &u1, &id, 4).await.0;
+                let b = support::mcp::call(&http, &u2, &id, 5).await.0;
+                (a == 404 && b == 404).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(support::mcp::call(&http, &u2, &fresh, 6).await.0, 200);
+        g1.shutdown().await;
+        g2.shutdown().await;
+    })
+    .await
+}

@@ -130,5 +130,67 @@ fn limiter_benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(hot_path, benches, limiter_benches);
+/// MCP: sealing and opening a session id (issue 13: under 1 µs each), and cutting a `tools/list`
+/// answer of 100 tools to what a caller may use.
+fn mcp_benches(c: &mut Criterion) {
+    use std::sync::Arc;
+    use tollgate::mcp::tools::{ListFilter, ToolAccess, ToolRule};
+    use tollgate::mcp::{SessionKeys, SessionTarget};
+
+    let keys = SessionKeys::random();
+    let target = SessionTarget {
+        backend: "agents/github-mcp:8080".into(),
+        endpoint: "10.0.3.17:8080".parse().expect("an address"),
+        upstream_id: "6f9b1c0e2d8a4b7c9e1f3a5b7d9c0e2f".into(),
+    };
+    c.bench_function("mcp/session/seal", |b| {
+        b.iter(|| keys.seal(black_box("agents/tools"), black_box(&target)))
+    });
+    let id = keys.seal("agents/tools", &target).expect("seals");
+    c.bench_function("mcp/session/open", |b| {
+        b.iter(|| keys.open(black_box("agents/tools"), black_box(id.as_bytes())))
+    });
+    let tools: Vec<serde_json::Value> = (0..100)
+        .map(|i| {
+            serde_json::json!({"name": if i % 2 == 0 { format!("search_{i}") } else { format!("delete_{i}") },
+                "description": "a tool of the benchmark", "inputSchema": {"type": "object",
+                "properties": {"query": {"type": "string"}}, "required": ["query"]}})
+        })
+        .collect();
+    let answer =
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": tools}}).to_string();
+    let access = Arc::new(ToolAccess {
+        rules: vec![
+            ToolRule {
+                name: "search_*".into(),
+                roles: vec![Arc::from("user")],
+            },
+            ToolRule {
+                name: "delete_*".into(),
+                roles: vec![Arc::from("admin")],
+            },
+        ],
+        deny_unlisted: true,
+    });
+    let roles: Arc<[Arc<str>]> = Arc::from(vec![Arc::from("user")]);
+    let sse = format!("event: message\ndata: {answer}\n\n");
+    c.bench_function("mcp/tools_list_filter/100_tools_json", |b| {
+        b.iter(|| {
+            let mut f = ListFilter::new(access.clone(), roles.clone(), false, 1 << 20);
+            let mut out = f.push(black_box(answer.as_bytes())).expect("fits");
+            out.extend(f.finish());
+            out
+        })
+    });
+    c.bench_function("mcp/tools_list_filter/100_tools_sse", |b| {
+        b.iter(|| {
+            let mut f = ListFilter::new(access.clone(), roles.clone(), true, 1 << 20);
+            let mut out = f.push(black_box(sse.as_bytes())).expect("fits");
+            out.extend(f.finish());
+            out
+        })
+    });
+}
+
+criterion_group!(hot_path, benches, limiter_benches, mcp_benches);
 criterion_main!(hot_path);

@@ -37,6 +37,7 @@ impl RouteBuilder {
                 canary_header: None,
                 sticky: None,
                 load_balancer: None,
+                mcp: None,
             },
         );
         route.metadata.namespace = Some("default".into());

@@ -53,7 +53,8 @@ pub struct AgentRouteSpec {
     /// What a request must look like to take this route.
     #[serde(rename = "match")]
     pub match_: RouteMatch,
-    /// `http` (default), `sse` or `websocket`.
+    /// `http` (default), `sse`, `websocket` or `mcp` (Model Context Protocol, Streamable HTTP:
+    /// sessions pinned by sealed ids).
     #[serde(default)]
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,6 +84,34 @@ pub struct AgentRouteSpec {
     pub sticky: Option<Sticky>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// MCP policy (`protocol: mcp` routes only): which tools a caller may see and call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpPolicy>,
+}
+
+/// Tool access on an MCP route.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpPolicy {
+    /// The first rule whose name glob matches a tool decides who may use it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub tools: Vec<McpToolRule>,
+    /// A tool that no rule names is refused to everyone (default: allowed to every caller).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deny_unlisted: bool,
+}
+
+/// Who may see and call the tools whose names match `name`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpToolRule {
+    /// A tool name, `*` matching any run of characters (`search_*`).
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    /// The caller's key must hold one of these.
+    #[schemars(length(min = 1, max = 32))]
+    pub roles: Vec<String>,
 }
 
 /// What a request must match.
@@ -130,6 +159,7 @@ pub enum Protocol {
     Http,
     Sse,
     Websocket,
+    Mcp,
 }
 
 /// Durations in Go form (`30s`, `1m30s`, `500ms`).

@@ -339,6 +339,54 @@ impl EndpointSet {
         Some((endpoint, InFlightGuard::new(Arc::clone(self), index)))
     }
 
+    /// The endpoint at `addr`, whatever its health or whether it is terminating: a pinned
+    /// session (MCP) goes where it lives as long as that endpoint is in the set. `None` once
+    /// discovery no longer lists it.
+    pub fn pin(self: &Arc<Self>, addr: SocketAddr) -> Option<(&Endpoint, InFlightGuard)> {
+        let index = self
+            .endpoints
+            .binary_search_by(|e| e.addr.cmp(&addr))
+            .ok()?;
+        let endpoint = self.endpoints.get(index)?;
+        Some((endpoint, InFlightGuard::new(Arc::clone(self), index)))
+    }
+
+    /// The endpoint of a sticky client (`sticky: clientId`): rendezvous hashing of the client's
+    /// hash with each endpoint's address, so every replica picks the same endpoint and adding
+    /// one endpoint to n moves only about 1/(n+1) of the clients. Ejected and `exclude`d
+    /// endpoints are skipped while another can take the request, as in [`pick`](Self::pick).
+    pub fn pick_sticky(
+        self: &Arc<Self>,
+        client_hash: u64,
+        exclude: &[SocketAddr],
+    ) -> Option<(&Endpoint, InFlightGuard)> {
+        if self.serving == 0 {
+            return None;
+        }
+        let now = LazyNow::new(None);
+        let best = |eligible: &dyn Fn(&Endpoint) -> bool| {
+            self.endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| eligible(e))
+                .max_by_key(|(_, e)| mix64(client_hash ^ addr_hash(e.addr)))
+                .map(|(i, _)| i)
+        };
+        let excluded = |e: &Endpoint| exclude.contains(&e.addr);
+        let index = best(&|e| e.serving && !excluded(e) && !e.state.health.is_ejected(&now))
+            .or_else(|| best(&|e| e.serving && !excluded(e)))
+            .or_else(|| best(&|e| e.serving))?;
+        let endpoint = self.endpoints.get(index)?;
+        Some((endpoint, InFlightGuard::new(Arc::clone(self), index)))
+    }
+
+    /// Whether discovery lists an endpoint at `addr`.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.endpoints
+            .binary_search_by(|e| e.addr.cmp(&addr))
+            .is_ok()
+    }
+
     /// The three passes: strict; ejection ignored (never eject everything); exclusion ignored.
     fn select(
         &self,
@@ -562,6 +610,17 @@ impl fmt::Debug for InFlightGuard {
             .field("addr", &self.addr())
             .finish()
     }
+}
+
+/// A hash of an endpoint address that every replica computes alike.
+fn addr_hash(addr: SocketAddr) -> u64 {
+    let mut bytes = [0u8; 18];
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => bytes[..4].copy_from_slice(&ip.octets()),
+        std::net::IpAddr::V6(ip) => bytes[..16].copy_from_slice(&ip.octets()),
+    }
+    bytes[16..].copy_from_slice(&addr.port().to_be_bytes());
+    mix64(crate::balance::stable_hash(&bytes))
 }
 
 #[cfg(test)]
@@ -943,5 +1002,40 @@ mod tests {
         assert!(set.endpoints()[0].serving);
         let other = EndpointSet::from_addrs(&reg, [addr(2), addr(1)]);
         assert!(set.same_endpoints(&other));
+    }
+
+    #[test]
+    fn sticky_clients_keep_their_endpoint_and_a_new_endpoint_moves_few() {
+        let reg = EndpointRegistry::new();
+        let four = set_of(&reg, 4);
+        let five = set_of(&reg, 5);
+        let clients: Vec<u64> = (0..2000u32)
+            .map(|i| crate::balance::stable_hash(format!("client-{i}").as_bytes()))
+            .collect();
+        let pick = |set: &Arc<EndpointSet>, c: u64| set.pick_sticky(c, &[]).unwrap().0.addr;
+        let mut per = std::collections::HashMap::new();
+        let mut moved = 0;
+        for &c in &clients {
+            let a = pick(&four, c);
+            assert_eq!(a, pick(&four, c), "the same client, the same endpoint");
+            *per.entry(a).or_insert(0) += 1;
+            let b = pick(&five, c);
+            if a != b {
+                assert_eq!(b, addr(5), "a client that moves goes to the new endpoint");
+                moved += 1;
+            }
+        }
+        for (a, n) in &per {
+            assert!((350..650).contains(n), "{a}: {n} of 2000 clients");
+        }
+        assert!(
+            (250..550).contains(&moved),
+            "{moved} of 2000 clients moved (about 1/5)"
+        );
+        // An excluded endpoint (a failed attempt) is avoided while another exists.
+        let c = clients[0];
+        let first = pick(&four, c);
+        let other = four.pick_sticky(c, &[first]).unwrap().0.addr;
+        assert_ne!(first, other);
     }
 }

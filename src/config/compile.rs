@@ -31,6 +31,8 @@ pub struct CompileOptions {
     pub generation: u64,
     /// Cluster DNS domain, for the `Host` of Service backends.
     pub cluster_domain: String,
+    /// The Secret of MCP session keys (`--mcp-session-secret`), if set.
+    pub mcp_session_secret: Option<ObjectKey>,
 }
 
 impl Default for CompileOptions {
@@ -40,6 +42,7 @@ impl Default for CompileOptions {
             default_rpm: 60,
             generation: 1,
             cluster_domain: "cluster.local".to_string(),
+            mcp_session_secret: None,
         }
     }
 }
@@ -214,6 +217,10 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         routes.push(compiled);
     }
     certs.finish();
+    let mcp_session_keys = opts
+        .mcp_session_secret
+        .as_ref()
+        .and_then(|name| mcp_session_keys(store, name, &mut problems));
 
     Snapshot {
         generation: opts.generation,
@@ -223,7 +230,44 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         problems: problems.list,
         reports,
         endpoints: HashMap::new(),
+        mcp_session_keys,
         keepalive: Vec::new(),
+    }
+}
+
+/// The MCP session keys from the `keys` entry of the Secret `name`; a problem when it is
+/// missing or unusable (the key material never appears in the message).
+fn mcp_session_keys(
+    store: &Store,
+    name: &ObjectKey,
+    problems: &mut Problems<'_>,
+) -> Option<Arc<crate::mcp::SessionKeys>> {
+    let Some(text) = store
+        .secrets
+        .get(name)
+        .and_then(|s| secret_value(s, "keys"))
+    else {
+        problems.push(
+            "Secret",
+            name,
+            "data.keys",
+            Reason::SecretNotFound,
+            "the --mcp-session-secret Secret or its keys entry is missing".to_string(),
+        );
+        return None;
+    };
+    match crate::mcp::SessionKeys::parse(&text) {
+        Ok(k) => Some(Arc::new(k)),
+        Err(e) => {
+            problems.push(
+                "Secret",
+                name,
+                "data.keys",
+                Reason::Invalid,
+                format!("MCP session keys: {e}"),
+            );
+            None
+        }
     }
 }
 
@@ -413,6 +457,10 @@ fn compile_route<'a>(
         headers,
         body_field,
     } = compile_match(spec, &mut out);
+    if spec.protocol == crate::api::Protocol::Mcp && !methods.allows(&http::Method::POST) {
+        out.push(RouteProblem::McpMethods);
+    }
+    let mcp_tools = compile_mcp(spec, strings, &mut out);
     let conditions = headers.len() as u32 + u32::from(body_field.is_some());
     let timeouts = compile_timeouts(spec, &mut out);
     let retry = compile_retry(spec, &mut out);
@@ -452,6 +500,7 @@ fn compile_route<'a>(
         canary_header,
         sticky: spec.sticky.unwrap_or(Sticky::None),
         load_balancer: spec.load_balancer.unwrap_or_default(),
+        mcp_tools,
         weighted: crate::balance::weighted::WeightedBackends::with_identities(
             backends
                 .iter()
@@ -466,6 +515,39 @@ fn compile_route<'a>(
         backends,
         conditions,
     })
+}
+
+/// `spec.mcp`: tool access, on mcp routes only.
+fn compile_mcp<'a>(
+    spec: &'a AgentRouteSpec,
+    strings: &mut Interner<'a>,
+    out: &mut Vec<RouteProblem>,
+) -> Option<Arc<crate::mcp::ToolAccess>> {
+    let policy = spec.mcp.as_ref()?;
+    if spec.protocol != crate::api::Protocol::Mcp {
+        out.push(RouteProblem::McpNotMcp);
+        return None;
+    }
+    let mut rules = Vec::with_capacity(policy.tools.len());
+    for (index, rule) in policy.tools.iter().enumerate() {
+        if rule.name.is_empty() || rule.roles.is_empty() || rule.roles.iter().any(String::is_empty)
+        {
+            out.push(RouteProblem::McpToolRule { index });
+            continue;
+        }
+        rules.push(crate::mcp::tools::ToolRule {
+            name: rule.name.clone(),
+            roles: rule.roles.iter().map(|r| strings.get(r)).collect(),
+        });
+    }
+    if rules.is_empty() && !policy.deny_unlisted {
+        // Nothing to decide: every tool for everyone, and no body to read.
+        return None;
+    }
+    Some(Arc::new(crate::mcp::ToolAccess {
+        rules,
+        deny_unlisted: policy.deny_unlisted,
+    }))
 }
 
 /// What `spec.hosts` and `spec.match` compile to.

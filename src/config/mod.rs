@@ -124,6 +124,9 @@ pub struct Snapshot {
     pub reports: Vec<ObjectReport>,
     /// Live endpoint sets by backend id, attached after compile (discovery swaps them inside).
     pub endpoints: HashMap<Arc<str>, Arc<ArcSwap<EndpointSet>>>,
+    /// The MCP session keys of `--mcp-session-secret` (`None`: not set, or its Secret unusable;
+    /// the gateway's own random key seals then).
+    pub mcp_session_keys: Option<Arc<crate::mcp::SessionKeys>>,
     /// Keeps the discovery watches behind `endpoints` running while this snapshot lives.
     pub keepalive: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }

@@ -107,6 +107,15 @@ pub enum RouteProblem {
     CorsCredentials,
     #[error("invalid header name")]
     CanaryHeader,
+    /// An MCP route that cannot take POST (every MCP request but GET streams and DELETE is one).
+    #[error(
+        "protocol mcp needs POST among the methods (MCP clients send every message as a POST)"
+    )]
+    McpMethods,
+    #[error("mcp is for routes with protocol mcp")]
+    McpNotMcp,
+    #[error("a tool rule needs a name and at least one role")]
+    McpToolRule { index: usize },
     /// An older route serves the same prefix, hosts and conditions.
     #[error("prefix {prefix} on the same hosts and conditions is already served by {winner}")]
     Conflicted { prefix: String, winner: Arc<str> },
@@ -131,6 +140,9 @@ impl RouteProblem {
             Self::PathPrefix(_) => "spec.match.pathPrefix".into(),
             Self::Host { index, .. } => format!("spec.hosts[{index}]").into(),
             Self::Method { index, .. } => format!("spec.match.methods[{index}]").into(),
+            Self::McpMethods => "spec.match.methods".into(),
+            Self::McpNotMcp => "spec.mcp".into(),
+            Self::McpToolRule { index } => format!("spec.mcp.tools[{index}]").into(),
             Self::MatchHeader { index } => format!("spec.match.headers[{index}]").into(),
             Self::BodyField => "spec.match.bodyField".into(),
             Self::Duration { field, .. } => (*field).into(),

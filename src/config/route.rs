@@ -226,6 +226,8 @@ pub struct CompiledRoute {
     pub canary_header: Option<HeaderName>,
     pub sticky: Sticky,
     pub load_balancer: LoadBalancer,
+    /// Tool access of an MCP route (`mcp`), when it has one.
+    pub mcp_tools: Option<Arc<crate::mcp::ToolAccess>>,
     /// The weighted (canary, sticky) pick over `backends`.
     #[serde(skip)]
     pub weighted: crate::balance::weighted::WeightedBackends,

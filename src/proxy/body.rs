@@ -41,10 +41,25 @@ pub trait BodyTap: Send {
     fn on_end(&mut self, complete: bool);
 }
 
+/// Rewrites a body's data as it passes (an MCP `tools/list` answer cut to what the caller may
+/// use); may hold bytes back until it has a whole unit, and give them at the end.
+pub trait BodyMap: Send {
+    fn data(&mut self, data: &[u8]) -> Result<Bytes, BodyError>;
+    fn end(&mut self) -> Bytes;
+}
+
+/// A body whose data goes through a [`BodyMap`].
+struct Mapped {
+    inner: ProxyBody,
+    map: Box<dyn BodyMap>,
+    done: bool,
+}
+
 enum Inner {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    Mapped(Box<Mapped>),
 }
 
 struct Extras {
@@ -92,6 +107,19 @@ impl ProxyBody {
     pub fn incoming(b: Incoming) -> Self {
         Self {
             inner: Inner::Incoming(b),
+            limit: None,
+            extras: None,
+            busy: None,
+        }
+    }
+    /// `inner`'s data rewritten by `map` (its limits, timers and guards stay with `inner`).
+    pub fn mapped(inner: ProxyBody, map: Box<dyn BodyMap>) -> Self {
+        Self {
+            inner: Inner::Mapped(Box::new(Mapped {
+                inner,
+                map,
+                done: false,
+            })),
             limit: None,
             extras: None,
             busy: None,
@@ -156,7 +184,7 @@ impl ProxyBody {
         match &self.inner {
             Inner::Empty => Some(Bytes::new()),
             Inner::Full(b) => Some(b.clone().unwrap_or_default()),
-            Inner::Incoming(_) => None,
+            Inner::Incoming(_) | Inner::Mapped(_) => None,
         }
     }
 }
@@ -212,6 +240,7 @@ impl Body for ProxyBody {
             Inner::Incoming(i) => Pin::new(i)
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(BodyError::from))),
+            Inner::Mapped(m) => m.poll_mapped(cx),
         };
         match polled {
             Poll::Pending => {
@@ -274,6 +303,7 @@ impl Body for ProxyBody {
             Inner::Empty => true,
             Inner::Full(b) => b.is_none(),
             Inner::Incoming(i) => i.is_end_stream(),
+            Inner::Mapped(m) => m.done,
         }
     }
 
@@ -282,6 +312,47 @@ impl Body for ProxyBody {
             Inner::Empty => SizeHint::with_exact(0),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Incoming(i) => i.size_hint(),
+            Inner::Mapped(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl Mapped {
+    fn poll_mapped(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => match self.map.data(&data) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Err(e) => {
+                            self.done = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    },
+                    // Trailers pass as they are.
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let rest = self.map.end();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+            }
         }
     }
 }

@@ -54,6 +54,8 @@ pub(crate) struct Outcome {
     pub(crate) route: Option<Arc<str>>,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) client: Option<Arc<str>>,
+    /// MCP routes: the JSON-RPC method label and the tool, for the access line.
+    pub(crate) mcp: Option<Box<(&'static str, Option<String>)>>,
 }
 
 /// The request body, in the one state it is in.

@@ -86,6 +86,9 @@ pub struct Gateway {
     pub ext_auth: Option<Arc<ExtAuth>>,
     /// What the configuration source shows in `/debug/routes` (`tollgate run`: leadership).
     pub source_debug: std::sync::OnceLock<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// Seals MCP session ids when the snapshot has no keys of `--mcp-session-secret`: made at
+    /// start, so such sessions survive neither a restart nor a second replica.
+    pub mcp_fallback_keys: crate::mcp::SessionKeys,
 }
 
 impl Gateway {
@@ -107,6 +110,7 @@ impl Gateway {
             limiter,
             ext_auth,
             source_debug: std::sync::OnceLock::new(),
+            mcp_fallback_keys: crate::mcp::SessionKeys::random(),
         })
     }
 
@@ -122,6 +126,13 @@ impl Gateway {
         self.snapshot.store(Arc::new(snap));
         self.swaps.fetch_add(1, Ordering::Relaxed);
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// The keys that seal and open MCP session ids for requests on `snap`.
+    pub fn mcp_keys<'a>(&'a self, snap: &'a Snapshot) -> &'a crate::mcp::SessionKeys {
+        snap.mcp_session_keys
+            .as_deref()
+            .unwrap_or(&self.mcp_fallback_keys)
     }
 
     /// Number of swaps so far.

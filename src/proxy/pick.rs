@@ -69,10 +69,40 @@ pub fn pick_upstream<'a>(
         LoadBalancer::RoundRobin => LbPolicy::RoundRobin,
         LoadBalancer::Random => LbPolicy::Random,
     };
-    let (endpoint, guard) = set
-        .pick_excluding(lb, rand::random(), tried)
-        .ok_or(ProxyError::NoEndpoint)?;
-    let addr = endpoint.addr;
+    // A sticky client keeps its endpoint too, the same on every replica.
+    let (endpoint, guard) = match sticky {
+        Some(client) => set.pick_sticky(crate::balance::stable_hash(client.as_bytes()), tried),
+        None => set.pick_excluding(lb, rand::random(), tried),
+    }
+    .ok_or(ProxyError::NoEndpoint)?;
+    Ok(picked(gw, backend, endpoint.addr, guard))
+}
+
+/// The endpoint a session lives on (MCP): backend `backend` of the route, endpoint `addr`,
+/// whatever the weights and the balancing policy say. `NoEndpoint` once it is gone.
+pub fn pick_pinned<'a>(
+    gw: &Gateway,
+    snap: &Snapshot,
+    route: &'a CompiledRoute,
+    backend: usize,
+    addr: SocketAddr,
+) -> Result<Picked<'a>, ProxyError> {
+    let backend = route.backends.get(backend).ok_or(ProxyError::NoEndpoint)?;
+    let set = snap
+        .endpoints
+        .get(&backend.id)
+        .ok_or(ProxyError::NoEndpoint)?
+        .load_full();
+    let (endpoint, guard) = set.pin(addr).ok_or(ProxyError::NoEndpoint)?;
+    Ok(picked(gw, backend, endpoint.addr, guard))
+}
+
+fn picked<'a>(
+    gw: &Gateway,
+    backend: &'a CompiledBackend,
+    addr: SocketAddr,
+    guard: InFlightGuard,
+) -> Picked<'a> {
     let gauge = gw
         .metrics
         .upstream_in_flight
@@ -90,7 +120,7 @@ pub fn pick_upstream<'a>(
         }),
         _ => Connect::Addr(addr),
     };
-    Ok(Picked {
+    Picked {
         backend,
         connect,
         guard: UpstreamGuard {
@@ -98,5 +128,5 @@ pub fn pick_upstream<'a>(
             conn: None,
             _gauge: GaugeGuard(gauge),
         },
-    })
+    }
 }

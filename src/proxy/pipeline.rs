@@ -8,7 +8,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::context::RequestCtx;
-use super::phases::{authenticate, authorize, cors, forward, limits, respond, route_match, tokens};
+use super::phases::{
+    authenticate, authorize, cors, forward, limits, mcp, respond, route_match, tokens,
+};
 use super::{Gateway, ProxyBody, ProxyError};
 use crate::api::Protocol;
 
@@ -44,7 +46,11 @@ async fn run(cx: &mut RequestCtx<'_>) -> Result<Response<ProxyBody>, ProxyError>
         // future (and the per-connection slot hyper keeps for it) by ~4 KiB.
         return Box::pin(super::websocket::run(cx, &route)).await;
     }
-    let upstream = forward::run(cx, &route).await?;
+    if route.protocol == Protocol::Mcp {
+        // Boxed like the WebSocket relay: other routes' futures stay as they were.
+        return Box::pin(mcp::run(cx, &route)).await;
+    }
+    let upstream = forward::run(cx, &route, None).await?;
     Ok(respond::upstream(cx, &route, upstream))
 }
 

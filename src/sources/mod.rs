@@ -6,17 +6,23 @@ pub mod kubernetes;
 
 use std::path::Path;
 
-use crate::config::{compile, CompileOptions, Problem};
+use crate::config::{compile, CompileOptions, ObjectKey, Problem};
 
 /// Everything `tollgate check` reports for a file or directory: parse errors and the problems
-/// compile finds, each with its file and field.
-pub fn check(path: &Path, gateway_class: &str) -> Vec<Problem> {
+/// compile finds, each with its file and field; with `mcp_session_secret`, that Secret's keys
+/// too.
+pub fn check(
+    path: &Path,
+    gateway_class: &str,
+    mcp_session_secret: Option<ObjectKey>,
+) -> Vec<Problem> {
     let mut source = files::FileSource::new(path);
     let loaded = source.load();
     let snap = compile(
         &loaded.store,
         &CompileOptions {
             gateway_class: gateway_class.to_string(),
+            mcp_session_secret,
             ..CompileOptions::default()
         },
     );

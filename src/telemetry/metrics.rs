@@ -16,6 +16,30 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Distinct tool names counted per route in `tollgate_mcp_tool_calls_total`; later names are
+/// counted as `other`.
+pub const MCP_TOOL_LABELS: usize = 64;
+
+impl Metrics {
+    /// The `tool` label of a tool called on `route`: its name while the route has used fewer
+    /// than [`MCP_TOOL_LABELS`] names, else `other`.
+    pub fn mcp_tool_label(&self, route: &str, tool: &str) -> String {
+        let mut seen = self
+            .mcp_tool_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let names = seen.entry(route.to_string()).or_default();
+        if names.contains(tool) {
+            return tool.to_string();
+        }
+        if names.len() < MCP_TOOL_LABELS {
+            names.insert(tool.to_string());
+            return tool.to_string();
+        }
+        "other".to_string()
+    }
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -27,6 +51,13 @@ pub struct Metrics {
     pub auth_failures_total: IntCounterVec,
     pub tokens_total: IntCounterVec,
     pub streams_active: IntGaugeVec,
+    /// MCP route requests by JSON-RPC method (bounded list) and outcome.
+    pub mcp_requests_total: IntCounterVec,
+    /// MCP tool calls by tool (at most [`MCP_TOOL_LABELS`] names per route) and outcome.
+    pub mcp_tool_calls_total: IntCounterVec,
+    /// The tool names each route has used as labels so far.
+    pub mcp_tool_labels:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     pub config_reloads_total: IntCounterVec,
     pub routes: IntGauge,
     pub api_keys: IntGauge,
@@ -153,6 +184,17 @@ impl Metrics {
                 "Open SSE and WebSocket streams",
                 &["protocol"],
             )?,
+            mcp_requests_total: counter(
+                "tollgate_mcp_requests_total",
+                "Requests of MCP routes by JSON-RPC method and outcome",
+                &["route", "method", "outcome"],
+            )?,
+            mcp_tool_calls_total: counter(
+                "tollgate_mcp_tool_calls_total",
+                "MCP tools/call requests by tool and outcome",
+                &["route", "tool", "outcome"],
+            )?,
+            mcp_tool_labels: std::sync::Mutex::default(),
             config_reloads_total: counter(
                 "tollgate_config_reloads_total",
                 "Snapshot rebuilds by result (success, error)",

@@ -26,6 +26,7 @@ use tollgate::app::{Running, ServeOptions};
 pub mod backend;
 pub mod dnsmasq;
 pub mod k8s;
+pub mod mcp;
 pub mod metrics;
 pub mod ports;
 pub mod process;

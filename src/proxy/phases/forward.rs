@@ -11,7 +11,7 @@ use crate::balance::health::FailureKind;
 use crate::config::route::CompiledRoute;
 use crate::proxy::context::RequestCtx;
 use crate::proxy::outbound::{self, upstream_uri};
-use crate::proxy::pick::{pick_upstream, UpstreamGuard};
+use crate::proxy::pick::{pick_pinned, pick_upstream, UpstreamGuard};
 use crate::proxy::upstream::Connect;
 use crate::proxy::{Gateway, ProxyBody, ProxyError};
 
@@ -23,10 +23,20 @@ pub(crate) struct Forwarded {
     pub(crate) deadline: Option<Instant>,
 }
 
-/// Sends the request until an attempt answers, or the last one fails.
+/// Where every attempt of a request must go: backend index and endpoint (an MCP session).
+#[derive(Clone, Copy)]
+pub(crate) struct Pin {
+    pub(crate) backend: usize,
+    pub(crate) endpoint: SocketAddr,
+}
+
+/// Sends the request until an attempt answers, or the last one fails; every attempt goes to
+/// `pin` when given (by reference: the request future of other routes stays as small as it was)
+/// instead of being picked by the balancer.
 pub(crate) async fn run(
     cx: &mut RequestCtx<'_>,
     route: &CompiledRoute,
+    pin: Option<&Pin>,
 ) -> Result<Forwarded, ProxyError> {
     outbound::prepare_headers(cx, false);
     let gw = cx.gw;
@@ -58,14 +68,17 @@ pub(crate) async fn run(
         if attempt > 1 && !route.retry.backoff.is_zero() {
             tokio::time::sleep(route.retry.backoff).await;
         }
-        let picked = pick_upstream(
-            gw,
-            &cx.snap,
-            route,
-            &cx.head.headers,
-            cx.caller.as_ref(),
-            &tried,
-        )?;
+        let picked = match pin {
+            None => pick_upstream(
+                gw,
+                &cx.snap,
+                route,
+                &cx.head.headers,
+                cx.caller.as_ref(),
+                &tried,
+            )?,
+            Some(p) => pick_pinned(gw, &cx.snap, route, p.backend, p.endpoint)?,
+        };
         let backend = picked.backend;
         cx.outcome.upstream = Some(backend.id.clone());
         let mut up = Request::new(cx.body.for_attempt(gw.options.max_body_bytes));

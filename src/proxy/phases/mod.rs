@@ -8,7 +8,9 @@
 //! 4. [`authorize`]: for a known caller; 403.
 //! 5. [`limits`]: where a key or route bucket applies; 429 `rate_limited`.
 //! 6. [`tokens`]: 413 above the body limit; where a token budget applies, 429 `token_limited`.
-//! 7. [`forward`] (or `websocket` on WebSocket routes): the attempt loop; 502, 503, 504.
+//! 7. [`forward`] (or `websocket` on WebSocket routes, [`mcp`] on MCP routes): the attempt
+//!    loop; 502, 503, 504. On MCP routes also 404 (a session id that does not open) and 400
+//!    (headers that disagree with a body read earlier), as JSON-RPC errors.
 //! 8. [`respond`]: the upstream's answer as the client's; usage settled; every answer logged.
 
 pub(crate) mod authenticate;
@@ -16,6 +18,7 @@ pub(crate) mod authorize;
 pub(crate) mod cors;
 pub(crate) mod forward;
 pub(crate) mod limits;
+pub(crate) mod mcp;
 pub(crate) mod respond;
 pub(crate) mod route_match;
 pub(crate) mod tokens;

@@ -93,6 +93,22 @@ pub(crate) fn finish(
     if let (Some(c), Some(client)) = (&m.client_requests_total, &cx.outcome.client) {
         c.with_label_values(&[client, route, status.as_str()]).inc();
     }
+    if let Some(mcp) = &cx.outcome.mcp {
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = cx.request_id.to_str().unwrap_or(""),
+            method,
+            route,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream = cx.outcome.upstream.as_deref().unwrap_or(""),
+            client_id = cx.outcome.client.as_deref().unwrap_or(""),
+            remote = %cx.conn.remote.ip(),
+            mcp_method = mcp.0,
+            mcp_tool = mcp.1.as_deref().unwrap_or(""),
+        );
+        return resp;
+    }
     tracing::info!(
         target: "tollgate::access",
         request_id = cx.request_id.to_str().unwrap_or(""),

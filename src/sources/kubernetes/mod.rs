@@ -46,6 +46,8 @@ pub struct KubeOptions {
     pub watch_backoff_max: Duration,
     /// Whether Service backends are resolved from EndpointSlices (else by DNS: no slice watch).
     pub endpoint_slices: bool,
+    /// The Secret of MCP session keys (`--mcp-session-secret`), watched like a referenced one.
+    pub mcp_session_secret: Option<crate::config::ObjectKey>,
 }
 
 impl Default for KubeOptions {
@@ -65,6 +67,7 @@ impl Default for KubeOptions {
             // recovering server (six watches per namespace: ~1 request/s per replica).
             watch_backoff_max: Duration::from_secs(5),
             endpoint_slices: true,
+            mcp_session_secret: None,
         }
     }
 }

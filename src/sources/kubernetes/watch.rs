@@ -79,6 +79,8 @@ pub struct Reflectors {
     pub secrets: Vec<Reader<Secret>>,
     pub services: Vec<Reader<Service>>,
     pub slices: Vec<Reader<EndpointSlice>>,
+    /// Secrets the flags name (`--mcp-session-secret`): wanted whatever routes and keys say.
+    pub flag_secrets: Vec<ObjectKey>,
 }
 
 fn key_of<K: Resource>(o: &K) -> ObjectKey {
@@ -151,6 +153,9 @@ impl Reflectors {
 
     /// Whether a route or key names this Secret (else its changes cannot matter).
     pub fn is_referenced(&self, secret: &ObjectKey) -> bool {
+        if self.flag_secrets.contains(secret) {
+            return true;
+        }
         let in_ns = |ns: &Option<String>| ns.as_deref() == Some(&*secret.namespace);
         self.routes.iter().any(|s| {
             s.find(|r| {
@@ -177,7 +182,8 @@ impl Reflectors {
     pub fn store(&self) -> Store {
         let routes = sorted_clones(&self.routes);
         let keys = sorted_clones(&self.keys);
-        let wanted = Self::referenced_secrets(&routes, &keys);
+        let mut wanted = Self::referenced_secrets(&routes, &keys);
+        wanted.extend(self.flag_secrets.iter().cloned());
         let mut secrets = BTreeMap::new();
         for s in &self.secrets {
             for secret in s.state() {
@@ -559,6 +565,7 @@ pub fn start(
         secrets: Vec::new(),
         services: Vec::new(),
         slices: Vec::new(),
+        flag_secrets: opts.mcp_session_secret.iter().cloned().collect(),
     };
     for ns in &scopes {
         let (rd, w) = reflector::store();
@@ -588,6 +595,7 @@ pub fn start(
         secrets: r.secrets.clone(),
         services: r.services.clone(),
         slices: r.slices.clone(),
+        flag_secrets: r.flag_secrets.clone(),
     });
     let retry = Retry {
         backoff_max: opts.watch_backoff_max,
