@@ -46,5 +46,17 @@ fi
 export TOLLGATE_MCP_PYTHON="$TOLLGATE_MCP_VENV/bin/python"
 echo "    $TOLLGATE_MCP_PYTHON"
 
+echo "==> a real node for tests/node.rs (kubelet, containerd, CNI; built once, cached)"
+if node_check=$(hack/node-rig.sh check); then
+  hack/node-rig.sh build
+  # The gateway's image as the Dockerfile builds it (a static musl release binary).
+  TOLLGATE_GATEWAY_IMAGE="$(hack/node-images.sh gateway | tail -n 1)"
+  export TOLLGATE_GATEWAY_IMAGE
+  echo "    $TOLLGATE_GATEWAY_IMAGE"
+else
+  # tests/node.rs runs the same check and skips its node test, saying why.
+  echo "    skipped: ${node_check}"
+fi
+
 echo "==> cargo test"
 cargo test --locked "$@"
