@@ -662,7 +662,8 @@ cmd_leftovers() {
   while read -r p; do echo "mount ${p}"; n=$((n + 1)); done < <(awk -v d="${dir}/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo)
   for p in /sys/fs/cgroup/*/kubepods* /sys/fs/cgroup/kubepods*; do [[ -e ${p} ]] && { echo "cgroup ${p}"; n=$((n + 1)); }; done
   ip link show "${BRIDGE}" >/dev/null 2>&1 && { echo "bridge ${BRIDGE}"; n=$((n + 1)); }
-  while read -r p; do echo "link ${p}"; n=$((n + 1)); done < <(ip -o link show type veth 2>/dev/null | awk -F': ' '{print $2}')
+  # The bridge plugin names the host ends veth<hex>; other tests' veths have their own names.
+  while read -r p; do echo "link ${p}"; n=$((n + 1)); done < <(ip -o link show type veth 2>/dev/null | awk -F': ' '$2 ~ /^veth[0-9a-f]+@/ {print $2}')
   for p in iptables ip6tables; do
     while read -r k; do echo "${p} chain ${k}"; n=$((n + 1)); done < <(${p}-save 2>/dev/null | awk '/^:(KUBE-|CNI-|'"${FW_CHAIN}"')/ {print substr($1, 2)}')
   done
