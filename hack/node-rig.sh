@@ -655,8 +655,8 @@ cmd_leftovers() {
   local dir n=0 p k v cur
   dir=$(abs_dir "$1")
   for p in /proc/[0-9]*; do
-    if tr '\0' ' ' <"${p}/cmdline" 2>/dev/null | grep -qF "${dir}/"; then
-      echo "process ${p#/proc/}: $(tr '\0' ' ' <"${p}/cmdline" | cut -c1-120)"; n=$((n + 1))
+    if tr '\0' ' ' 2>/dev/null <"${p}/cmdline" | grep -qF "${dir}/"; then
+      echo "process ${p#/proc/}: $(tr '\0' ' ' 2>/dev/null <"${p}/cmdline" | cut -c1-120)"; n=$((n + 1))
     fi
   done
   while read -r p; do echo "mount ${p}"; n=$((n + 1)); done < <(awk -v d="${dir}/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo)
