@@ -3,6 +3,8 @@
 //! gateway behaviour lives here. `fixtures` (unit tests and dev builds only) builds objects.
 
 mod duration;
+#[allow(unreachable_pub)]
+pub mod gateway;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 // kube's `KubeSchema` derive (x_kube validation rules) emits `pub` helper items inside these

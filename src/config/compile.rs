@@ -109,7 +109,7 @@ fn object_key<'a, K: kube::Resource>(obj: &'a K, strings: &mut Interner<'a>) -> 
 
 /// Oldest first, by creation time then by position in the store: ties and conflicts go to the
 /// oldest. (time, index) is unique: an unstable sort gives the same order as a stable one.
-fn oldest_first<K: kube::Resource>(objects: &[K]) -> Vec<&K> {
+pub(super) fn oldest_first<K: kube::Resource>(objects: &[K]) -> Vec<&K> {
     let mut ordered: Vec<(usize, &K)> = objects.iter().enumerate().collect();
     ordered.sort_unstable_by(|(ia, a), (ib, b)| {
         let ta = a.meta().creation_timestamp.as_ref().map(|t| t.0);
@@ -216,6 +216,14 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         reports.push(route_report(key, generation, conditions, backend_names));
         routes.push(compiled);
     }
+    let gateway_api = super::gateway::compile_gateway_api(
+        store,
+        opts,
+        store.routes.len() as u64,
+        &mut by_prefix,
+        &mut routes,
+        &mut certs,
+    );
     certs.finish();
     let mcp_session_keys = opts
         .mcp_session_secret
@@ -223,6 +231,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         .and_then(|name| mcp_session_keys(store, name, &mut problems));
 
     Snapshot {
+        gateway_api,
         generation: opts.generation,
         routes: RouteTable::new(by_prefix, routes),
         keys,
@@ -370,7 +379,7 @@ fn route_report(
     }
 }
 
-fn tls_from_secret(
+pub(super) fn tls_from_secret(
     secret: Option<&k8s_openapi::api::core::v1::Secret>,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, RouteProblem> {
     let secret = secret.ok_or(RouteProblem::TlsSecretNotFound)?;
@@ -391,7 +400,7 @@ pub fn secret_value(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> O
         .map(|s| s.as_bytes().to_vec())
 }
 
-fn normalize_prefix(p: &str) -> Result<String, PrefixProblem> {
+pub(super) fn normalize_prefix(p: &str) -> Result<String, PrefixProblem> {
     if !p.starts_with('/') {
         return Err(PrefixProblem::NotAbsolute);
     }
@@ -407,7 +416,7 @@ fn normalize_prefix(p: &str) -> Result<String, PrefixProblem> {
     })
 }
 
-fn valid_host(h: &str) -> bool {
+pub(super) fn valid_host(h: &str) -> bool {
     let name = h.strip_prefix("*.").unwrap_or(h);
     !name.is_empty()
         && name.len() <= 253
@@ -486,6 +495,7 @@ fn compile_route<'a>(
         name: key.name.to_string(),
         hosts,
         prefix,
+        exact: None,
         methods,
         headers,
         body_field,

@@ -4,6 +4,7 @@
 //! sockets: sources feed it, `app` attaches discovery's endpoint sets, the proxy reads it.
 
 pub mod compile;
+pub mod gateway;
 pub mod path;
 pub mod problem;
 pub mod route;
@@ -60,6 +61,8 @@ pub struct Store {
     pub services: Option<BTreeSet<ObjectKey>>,
     /// Where each object came from (file path), for messages.
     pub origins: BTreeMap<(String, ObjectKey), String>,
+    /// The Gateway API objects (Kubernetes mode, when their CRDs are installed).
+    pub gateway_api: gateway::GatewayInputs,
 }
 
 /// A problem with one object, found by compile or by a source.
@@ -122,6 +125,8 @@ pub struct Snapshot {
     pub certs: tls::CertStore,
     pub problems: Vec<Problem>,
     pub reports: Vec<ObjectReport>,
+    /// What the Gateway API objects' status says (GatewayClass, Gateway, HTTPRoute).
+    pub gateway_api: gateway::GatewayApiReport,
     /// Live endpoint sets by backend id, attached after compile (discovery swaps them inside).
     pub endpoints: HashMap<Arc<str>, Arc<ArcSwap<EndpointSet>>>,
     /// The MCP session keys of `--mcp-session-secret` (`None`: not set, or its Secret unusable;

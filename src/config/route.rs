@@ -209,6 +209,10 @@ pub struct CompiledRoute {
     pub name: String,
     pub hosts: Vec<HostPattern>,
     pub prefix: String,
+    /// A Gateway API `Exact` path match: the normalised path must be exactly this (the route
+    /// sits under `prefix` in the table, which is this path without a trailing slash).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact: Option<Box<str>>,
     pub methods: MethodSet,
     #[serde(serialize_with = "ser_headers")]
     pub headers: Vec<(HeaderName, HeaderValue)>,

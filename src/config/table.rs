@@ -82,7 +82,7 @@ impl RouteTable {
         let mut candidate = path;
         loop {
             if let Some(entries) = self.by_prefix.get(candidate) {
-                match Self::find_in(entries, host, method, headers, body) {
+                match Self::find_in(entries, host, path, method, headers, body) {
                     Match::NotFound => {}
                     found => return found,
                 }
@@ -105,6 +105,7 @@ impl RouteTable {
     fn find_in<'a>(
         entries: &'a [Entry],
         host: &str,
+        path: &str,
         method: &Method,
         headers: &HeaderMap,
         body: Option<&BodyFields>,
@@ -116,6 +117,9 @@ impl RouteTable {
                 continue;
             }
             let r = &e.route;
+            if r.exact.as_deref().is_some_and(|x| x != path) {
+                continue;
+            }
             if !r
                 .headers
                 .iter()

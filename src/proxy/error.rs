@@ -99,6 +99,9 @@ pub enum ProxyError {
     /// Could not connect to any endpoint.
     #[error("could not connect to the upstream")]
     ConnectFailed,
+    /// A Gateway API rule with no backend that can take traffic (the spec's 500).
+    #[error("no backend of this route can take traffic")]
+    NoBackend,
     /// No endpoint is ready.
     #[error("no ready endpoint for this route")]
     NoEndpoint,
@@ -131,6 +134,7 @@ impl ProxyError {
             ProxyError::NoEndpoint | ProxyError::AuthUnavailable | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
         }
@@ -154,6 +158,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::ConnectFailed => "connect_failed",
             ProxyError::NoEndpoint => "no_endpoint",
+            ProxyError::NoBackend => "no_backend",
             ProxyError::Timeout => "upstream_timeout",
             ProxyError::UpgradeRequired => "upgrade_required",
             ProxyError::ShuttingDown => "shutting_down",
@@ -166,9 +171,10 @@ impl ProxyError {
             ProxyError::UpstreamFailed | ProxyError::ConnectFailed | ProxyError::Timeout => {
                 Fault::Upstream
             }
-            ProxyError::NoEndpoint | ProxyError::AuthUnavailable | ProxyError::ShuttingDown => {
-                Fault::Gateway
-            }
+            ProxyError::NoEndpoint
+            | ProxyError::NoBackend
+            | ProxyError::AuthUnavailable
+            | ProxyError::ShuttingDown => Fault::Gateway,
             _ => Fault::Client,
         }
     }

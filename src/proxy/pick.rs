@@ -57,7 +57,13 @@ pub fn pick_upstream<'a>(
     let idx = route
         .weighted
         .pick(canary, sticky, rng)
-        .ok_or(ProxyError::NoEndpoint)?;
+        .ok_or_else(|| {
+            if route.backends.is_empty() {
+                ProxyError::NoBackend
+            } else {
+                ProxyError::NoEndpoint
+            }
+        })?;
     let backend = route.backends.get(idx).ok_or(ProxyError::NoEndpoint)?;
     let set = snap
         .endpoints

@@ -48,6 +48,11 @@ pub struct KubeOptions {
     pub endpoint_slices: bool,
     /// The Secret of MCP session keys (`--mcp-session-secret`), watched like a referenced one.
     pub mcp_session_secret: Option<crate::config::ObjectKey>,
+    /// Whether the Gateway API CRDs are installed (found at start by [`gateway_api_installed`]):
+    /// only then are GatewayClass, Gateway, HTTPRoute and ReferenceGrant watched.
+    pub gateway_api: bool,
+    /// `status.addresses` of Gateways (`--gateway-address`): IP addresses or host names.
+    pub gateway_addresses: Vec<String>,
 }
 
 impl Default for KubeOptions {
@@ -68,6 +73,8 @@ impl Default for KubeOptions {
             watch_backoff_max: Duration::from_secs(5),
             endpoint_slices: true,
             mcp_session_secret: None,
+            gateway_api: false,
+            gateway_addresses: Vec::new(),
         }
     }
 }
@@ -213,6 +220,38 @@ where
             message: s.message.clone(),
         }),
         Err(e) => Err(KubeError::Unreachable(e)),
+    }
+}
+
+/// Whether the Gateway API (standard channel) CRDs are installed: a GatewayClass list answers.
+/// Says which at start, so an operator knows whether Gateways are watched.
+pub async fn gateway_api_installed(client: &Client) -> bool {
+    let api: Api<crate::api::gateway::GatewayClass> = Api::all(client.clone());
+    let answer = tokio::time::timeout(
+        STARTUP_CHECK_TIMEOUT,
+        api.list_metadata(&ListParams::default().limit(1)),
+    )
+    .await;
+    match answer {
+        Ok(Ok(_)) => {
+            tracing::info!(
+                "Gateway API CRDs installed: watching GatewayClass, Gateway, HTTPRoute, ReferenceGrant"
+            );
+            true
+        }
+        Ok(Err(kube::Error::Api(s))) if s.code == 404 => {
+            tracing::info!("Gateway API CRDs not installed: Gateways and HTTPRoutes are not watched");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e,
+                "cannot list GatewayClasses: Gateways and HTTPRoutes are not watched");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("GatewayClass list timed out: Gateways and HTTPRoutes are not watched");
+            false
+        }
     }
 }
 

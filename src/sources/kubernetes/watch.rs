@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 
 use super::health::{watch_unreachable, ApiHealth};
 use super::KubeOptions;
+use crate::api::gateway::{Gateway, GatewayClass, HTTPRoute, ReferenceGrant};
 use crate::api::{AgentApiKey, AgentRoute};
+use crate::config::gateway::GatewayInputs;
 use crate::config::{ObjectKey, Store};
 use crate::discovery::endpointslices::SliceEndpoint;
 use crate::discovery::SliceEndpoints;
@@ -81,6 +83,12 @@ pub struct Reflectors {
     pub slices: Vec<Reader<EndpointSlice>>,
     /// Secrets the flags name (`--mcp-session-secret`): wanted whatever routes and keys say.
     pub flag_secrets: Vec<ObjectKey>,
+    /// The Gateway API kinds: empty when their CRDs are not installed.
+    pub gateway_api: bool,
+    pub classes: Vec<Reader<GatewayClass>>,
+    pub gateways: Vec<Reader<Gateway>>,
+    pub http_routes: Vec<Reader<HTTPRoute>>,
+    pub grants: Vec<Reader<ReferenceGrant>>,
 }
 
 fn key_of<K: Resource>(o: &K) -> ObjectKey {
@@ -120,24 +128,54 @@ impl Reflectors {
         for s in &self.slices {
             let _ = s.wait_until_ready().await;
         }
+        for s in &self.classes {
+            let _ = s.wait_until_ready().await;
+        }
+        for s in &self.gateways {
+            let _ = s.wait_until_ready().await;
+        }
+        for s in &self.http_routes {
+            let _ = s.wait_until_ready().await;
+        }
+        for s in &self.grants {
+            let _ = s.wait_until_ready().await;
+        }
     }
 
     /// Counts for the log line at sync.
     pub fn describe(&self) -> String {
         let n = |v: usize| v.to_string();
-        format!(
+        let mut out = format!(
             "routes={} keys={} secrets={} services={} endpointslices={}",
             n(self.routes.iter().map(Reader::len).sum()),
             n(self.keys.iter().map(Reader::len).sum()),
             n(self.secrets.iter().map(Reader::len).sum()),
             n(self.services.iter().map(Reader::len).sum()),
             n(self.slices.iter().map(Reader::len).sum()),
-        )
+        );
+        if self.gateway_api {
+            out.push_str(&format!(
+                " gatewayclasses={} gateways={} httproutes={} referencegrants={}",
+                n(self.classes.iter().map(Reader::len).sum()),
+                n(self.gateways.iter().map(Reader::len).sum()),
+                n(self.http_routes.iter().map(Reader::len).sum()),
+                n(self.grants.iter().map(Reader::len).sum()),
+            ));
+        }
+        out
     }
 
-    /// The Secrets some route (`tls.secretName`) or key (`secretRef`) names.
-    fn referenced_secrets(routes: &[AgentRoute], keys: &[AgentApiKey]) -> HashSet<ObjectKey> {
+    /// The Secrets some route (`tls.secretName`), key (`secretRef`) or Gateway listener
+    /// (`tls.certificateRefs`) names.
+    fn referenced_secrets(
+        routes: &[AgentRoute],
+        keys: &[AgentApiKey],
+        gateways: &[Gateway],
+    ) -> HashSet<ObjectKey> {
         let mut out = HashSet::new();
+        for g in gateways {
+            out.extend(gateway_secrets(g));
+        }
         for r in routes {
             if let Some(tls) = &r.spec.tls {
                 out.insert(ObjectKey::new(key_of(r).namespace, &tls.secret_name));
@@ -166,6 +204,9 @@ impl Reflectors {
                         .is_some_and(|t| *t.secret_name == *secret.name)
             })
             .is_some()
+        }) || self.gateways.iter().any(|s| {
+            s.find(|g| gateway_secrets(g).any(|k| k == *secret))
+                .is_some()
         }) || self.keys.iter().any(|s| {
             s.find(|k| {
                 in_ns(&k.metadata.namespace)
@@ -182,7 +223,14 @@ impl Reflectors {
     pub fn store(&self) -> Store {
         let routes = sorted_clones(&self.routes);
         let keys = sorted_clones(&self.keys);
-        let mut wanted = Self::referenced_secrets(&routes, &keys);
+        let gateway_api = GatewayInputs {
+            installed: self.gateway_api,
+            classes: sorted_clones(&self.classes),
+            gateways: sorted_clones(&self.gateways),
+            http_routes: sorted_clones(&self.http_routes),
+            grants: sorted_clones(&self.grants),
+        };
+        let mut wanted = Self::referenced_secrets(&routes, &keys, &gateway_api.gateways);
         wanted.extend(self.flag_secrets.iter().cloned());
         let mut secrets = BTreeMap::new();
         for s in &self.secrets {
@@ -205,6 +253,7 @@ impl Reflectors {
             secrets,
             services: Some(services),
             origins: BTreeMap::new(),
+            gateway_api,
         }
     }
 
@@ -224,6 +273,18 @@ impl Reflectors {
             })
             .collect()
     }
+}
+
+/// The Secrets a Gateway's listeners name (`tls.certificateRefs`, the namespace defaulting to
+/// the Gateway's).
+fn gateway_secrets(g: &Gateway) -> impl Iterator<Item = ObjectKey> + '_ {
+    let ns = g.metadata.namespace.as_deref().unwrap_or("default");
+    g.spec
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .flat_map(|t| &t.certificate_refs)
+        .map(move |r| ObjectKey::new(r.namespace.as_deref().unwrap_or(ns), &r.name))
 }
 
 /// The endpoints of each port of a Service, from its EndpointSlices. A Service port maps to the
@@ -566,7 +627,22 @@ pub fn start(
         services: Vec::new(),
         slices: Vec::new(),
         flag_secrets: opts.mcp_session_secret.iter().cloned().collect(),
+        gateway_api: opts.gateway_api,
+        classes: Vec::new(),
+        gateways: Vec::new(),
+        http_routes: Vec::new(),
+        grants: Vec::new(),
     };
+    let mut writers_classes = Vec::new();
+    let mut writers_gateways = Vec::new();
+    let mut writers_http_routes = Vec::new();
+    let mut writers_grants = Vec::new();
+    if opts.gateway_api {
+        // GatewayClasses are cluster-scoped: one watch whatever the namespaces.
+        let (rd, w) = reflector::store();
+        r.classes.push(rd);
+        writers_classes.push((None::<String>, w));
+    }
     for ns in &scopes {
         let (rd, w) = reflector::store();
         r.routes.push(rd);
@@ -587,6 +663,17 @@ pub fn start(
             r.slices.push(rd);
             writers_slices.push((ns.clone(), w));
         }
+        if opts.gateway_api {
+            let (rd, w) = reflector::store();
+            r.gateways.push(rd);
+            writers_gateways.push((ns.clone(), w));
+            let (rd, w) = reflector::store();
+            r.http_routes.push(rd);
+            writers_http_routes.push((ns.clone(), w));
+            let (rd, w) = reflector::store();
+            r.grants.push(rd);
+            writers_grants.push((ns.clone(), w));
+        }
     }
     // The handlers need the readers; the readers are cheap clones of shared maps.
     let shared = Arc::new(Reflectors {
@@ -596,6 +683,11 @@ pub fn start(
         services: r.services.clone(),
         slices: r.slices.clone(),
         flag_secrets: r.flag_secrets.clone(),
+        gateway_api: r.gateway_api,
+        classes: r.classes.clone(),
+        gateways: r.gateways.clone(),
+        http_routes: r.http_routes.clone(),
+        grants: r.grants.clone(),
     });
     let retry = Retry {
         backoff_max: opts.watch_backoff_max,
@@ -608,6 +700,54 @@ pub fn start(
         let on = config_change(config.clone());
         tasks.push(drive::<AgentRoute>(
             "AgentRoute",
+            scope_name(&ns),
+            w,
+            api(client, &ns),
+            base.clone(),
+            retry.clone(),
+            on,
+        ));
+    }
+    for (_, w) in writers_classes {
+        let on = config_change(config.clone());
+        tasks.push(drive::<GatewayClass>(
+            "GatewayClass",
+            "*".to_string(),
+            w,
+            Api::all(client.clone()),
+            base.clone(),
+            retry.clone(),
+            on,
+        ));
+    }
+    for (ns, w) in writers_gateways {
+        let on = config_change(config.clone());
+        tasks.push(drive::<Gateway>(
+            "Gateway",
+            scope_name(&ns),
+            w,
+            api(client, &ns),
+            base.clone(),
+            retry.clone(),
+            on,
+        ));
+    }
+    for (ns, w) in writers_http_routes {
+        let on = config_change(config.clone());
+        tasks.push(drive::<HTTPRoute>(
+            "HTTPRoute",
+            scope_name(&ns),
+            w,
+            api(client, &ns),
+            base.clone(),
+            retry.clone(),
+            on,
+        ));
+    }
+    for (ns, w) in writers_grants {
+        let on = config_change(config.clone());
+        tasks.push(drive::<ReferenceGrant>(
+            "ReferenceGrant",
             scope_name(&ns),
             w,
             api(client, &ns),
