@@ -282,6 +282,7 @@ pub struct Handle {
     compiles: AtomicU64,
     status_writes: AtomicU64,
     events: AtomicU64,
+    gateway_addresses: Vec<String>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -334,6 +335,10 @@ impl Handle {
     pub fn events(&self) -> u64 {
         self.events.load(Ordering::Relaxed)
     }
+    /// `status.addresses` of Gateways (`--gateway-address`).
+    pub fn gateway_addresses(&self) -> &[String] {
+        &self.gateway_addresses
+    }
     /// The Lease as `namespace/name`.
     pub fn lease(&self) -> String {
         format!("{}/{}", self.lease.0, self.lease.1)
@@ -375,6 +380,7 @@ pub fn spawn(
         compiles: AtomicU64::new(0),
         status_writes: AtomicU64::new(0),
         events: AtomicU64::new(0),
+        gateway_addresses: opts.gateway_addresses.clone(),
     });
     let mapper = Arc::new(EndpointMapper::new(
         wiring.slices.clone(),

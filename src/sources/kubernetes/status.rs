@@ -21,6 +21,8 @@ use crate::api::{
     AgentApiKey, AgentApiKeyStatus, AgentRoute, AgentRouteStatus, BackendStatus, Condition,
     ConditionStatus,
 };
+use crate::api::gateway::{Gateway, GatewayClass, HTTPRoute, GATEWAY_CONTROLLER, GATEWAY_GROUP};
+use crate::config::gateway::GatewayApiReport;
 use crate::config::route::BackendTarget;
 use crate::config::{CompiledRoute, ObjectKey, ObjectReport, Snapshot};
 
@@ -217,7 +219,12 @@ fn identity_of(status: &Value) -> Value {
     s
 }
 
-fn plan(reflectors: &Reflectors, snap: &Snapshot, written: &Written) -> Vec<Job> {
+fn plan(
+    reflectors: &Reflectors,
+    snap: &Snapshot,
+    written: &Written,
+    addresses: &[String],
+) -> Vec<Job> {
     let now = now_rfc3339();
     let compiled: HashMap<&str, &CompiledRoute> = snap
         .routes
@@ -306,7 +313,222 @@ fn plan(reflectors: &Reflectors, snap: &Snapshot, written: &Written) -> Vec<Job>
             patch: status_patch(desired, fields),
         });
     }
+    plan_gateway_api(
+        reflectors,
+        &snap.gateway_api,
+        written,
+        addresses,
+        &now,
+        &mut jobs,
+    );
     jobs
+}
+
+/// Gateway API conditions as JSON: `message` is required there (may be empty), and each keeps
+/// its `lastTransitionTime` while its status holds.
+fn gw_conditions(
+    desired: &[Condition],
+    current: Option<&Value>,
+    generation: Option<i64>,
+    now: &str,
+) -> Value {
+    let current: Vec<Condition> = current
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let merged = merge_conditions(desired, &current, generation, now);
+    let mut out = serde_json::to_value(merged).unwrap_or(Value::Array(Vec::new()));
+    if let Value::Array(cs) = &mut out {
+        for c in cs {
+            if let Value::Object(m) = c {
+                m.entry("message").or_insert(Value::String(String::new()));
+            }
+        }
+    }
+    out
+}
+
+/// `status.addresses` from `--gateway-address`: an IP address, else a host name.
+fn addresses_json(addresses: &[String]) -> Value {
+    Value::Array(
+        addresses
+            .iter()
+            .map(|a| {
+                let type_ = if a.parse::<std::net::IpAddr>().is_ok() {
+                    "IPAddress"
+                } else {
+                    "Hostname"
+                };
+                json!({"type": type_, "value": a})
+            })
+            .collect(),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_job(
+    jobs: &mut Vec<Job>,
+    written: &Written,
+    kind: &'static str,
+    key: ObjectKey,
+    meta: &kube::api::ObjectMeta,
+    generation: Option<i64>,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+    desired: Value,
+) {
+    if meta.generation != generation {
+        return;
+    }
+    let rv = meta.resource_version.clone();
+    if written.get(&(kind, key.clone())) == Some(&(rv.clone(), identity_of(&desired))) {
+        return;
+    }
+    jobs.push(Job {
+        kind,
+        key,
+        resource_version: rv,
+        reference,
+        old: Vec::new(),
+        new: Vec::new(),
+        patch: json!({ "status": desired }),
+    });
+}
+
+/// Jobs for the GatewayClasses, Gateways and HTTPRoutes whose status differs from the report.
+/// Only our parts are written: an HTTPRoute's `parents[]` entries of other controllers stay.
+fn plan_gateway_api(
+    reflectors: &Reflectors,
+    report: &GatewayApiReport,
+    written: &Written,
+    addresses: &[String],
+    now: &str,
+    jobs: &mut Vec<Job>,
+) {
+    for c in &report.classes {
+        let r = ObjectRef::<GatewayClass>::new(&c.name);
+        let Some(obj) = reflectors.classes.iter().find_map(|s| s.get(&r)) else {
+            continue;
+        };
+        let current = obj.status.as_ref().and_then(|s| s.get("conditions"));
+        let conditions = gw_conditions(&c.conditions, current, c.generation, now);
+        if current == Some(&conditions) {
+            continue;
+        }
+        push_job(
+            jobs,
+            written,
+            "GatewayClass",
+            ObjectKey::new("", &c.name),
+            &obj.metadata,
+            c.generation,
+            obj.object_ref(&()),
+            json!({ "conditions": conditions }),
+        );
+    }
+    for g in &report.gateways {
+        let r = ObjectRef::<Gateway>::new(&g.object.name).within(&g.object.namespace);
+        let Some(obj) = reflectors.gateways.iter().find_map(|s| s.get(&r)) else {
+            continue;
+        };
+        let status = obj.status.clone().unwrap_or(Value::Null);
+        let listeners: Vec<Value> = g
+            .listeners
+            .iter()
+            .map(|l| {
+                let current = status["listeners"]
+                    .as_array()
+                    .and_then(|ls| ls.iter().find(|x| x["name"] == *l.name))
+                    .and_then(|x| x.get("conditions"));
+                json!({
+                    "name": l.name,
+                    "supportedKinds": l.supported_kinds.iter()
+                        .map(|k| json!({"group": GATEWAY_GROUP, "kind": k}))
+                        .collect::<Vec<_>>(),
+                    "attachedRoutes": l.attached_routes,
+                    "conditions": gw_conditions(&l.conditions, current, g.generation, now),
+                })
+            })
+            .collect();
+        let desired = json!({
+            "addresses": addresses_json(addresses),
+            "conditions": gw_conditions(&g.conditions, status.get("conditions"), g.generation, now),
+            "listeners": listeners,
+        });
+        let same = ["addresses", "conditions", "listeners"].iter().all(|f| {
+            let cur = status.get(*f).cloned().unwrap_or(Value::Null);
+            let want = &desired[*f];
+            cur == *want || (cur.is_null() && want.as_array().is_some_and(Vec::is_empty))
+        });
+        if same {
+            continue;
+        }
+        push_job(
+            jobs,
+            written,
+            "Gateway",
+            g.object.clone(),
+            &obj.metadata,
+            g.generation,
+            obj.object_ref(&()),
+            desired,
+        );
+    }
+    for h in &report.http_routes {
+        let r = ObjectRef::<HTTPRoute>::new(&h.object.name).within(&h.object.namespace);
+        let Some(obj) = reflectors.http_routes.iter().find_map(|s| s.get(&r)) else {
+            continue;
+        };
+        let current: Vec<Value> = obj
+            .status
+            .as_ref()
+            .and_then(|s| s["parents"].as_array().cloned())
+            .unwrap_or_default();
+        let mut parents: Vec<Value> = current
+            .iter()
+            .filter(|p| p["controllerName"] != GATEWAY_CONTROLLER)
+            .cloned()
+            .collect();
+        for p in &h.parents {
+            let parent_ref = serde_json::to_value(&p.parent_ref).unwrap_or(Value::Null);
+            let old = current
+                .iter()
+                .find(|c| c["controllerName"] == GATEWAY_CONTROLLER && same_ref(&c["parentRef"], &parent_ref))
+                .and_then(|c| c.get("conditions"));
+            parents.push(json!({
+                "parentRef": parent_ref,
+                "controllerName": GATEWAY_CONTROLLER,
+                "conditions": gw_conditions(&p.conditions, old, h.generation, now),
+            }));
+        }
+        if parents == current {
+            continue;
+        }
+        push_job(
+            jobs,
+            written,
+            "HTTPRoute",
+            h.object.clone(),
+            &obj.metadata,
+            h.generation,
+            obj.object_ref(&()),
+            json!({ "parents": parents }),
+        );
+    }
+}
+
+/// Two parentRefs name the same parent (the API server fills in defaults on one of them).
+fn same_ref(a: &Value, b: &Value) -> bool {
+    let field = |v: &Value, f: &str, default: &str| {
+        v.get(f)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    ["name", "namespace", "sectionName"]
+        .iter()
+        .all(|f| field(a, f, "") == field(b, f, ""))
+        && field(a, "group", GATEWAY_GROUP) == field(b, "group", GATEWAY_GROUP)
+        && field(a, "kind", "Gateway") == field(b, "kind", "Gateway")
+        && a.get("port") == b.get("port")
 }
 
 /// Outcome of one status write.
@@ -328,6 +550,18 @@ async fn write(client: &Client, job: &Job, health: &ApiHealth) -> Outcome {
     let call = async {
         match job.kind {
             "AgentRoute" => Api::<AgentRoute>::namespaced(client.clone(), ns)
+                .patch_status(&job.key.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            "GatewayClass" => Api::<GatewayClass>::all(client.clone())
+                .patch_status(&job.key.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            "Gateway" => Api::<Gateway>::namespaced(client.clone(), ns)
+                .patch_status(&job.key.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            "HTTPRoute" => Api::<HTTPRoute>::namespaced(client.clone(), ns)
                 .patch_status(&job.key.name, &pp, &patch)
                 .await
                 .map(|_| ()),
@@ -430,7 +664,7 @@ pub async fn run(
             continue;
         }
         let snap = current();
-        let jobs = plan(&reflectors, &snap, &written);
+        let jobs = plan(&reflectors, &snap, &written, handle.gateway_addresses());
         if jobs.is_empty() {
             continue;
         }
