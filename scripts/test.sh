@@ -58,5 +58,10 @@ else
   echo "    skipped: ${node_check}"
 fi
 
+echo "==> Gateway API standard CRDs (Go module proxy, cached)"
+TOLLGATE_GATEWAY_API_CRDS="$(hack/gateway-api-crds.sh | tail -n 1)"
+export TOLLGATE_GATEWAY_API_CRDS
+echo "    $TOLLGATE_GATEWAY_API_CRDS"
+
 echo "==> cargo test"
 cargo test --locked "$@"

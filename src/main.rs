@@ -230,6 +230,14 @@ struct KubeFlags {
     /// A kubeconfig file (default: in-cluster, else KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// An address of the gateway (IP or host name) written to Gateways' `status.addresses`
+    /// (repeatable).
+    #[arg(
+        long = "gateway-address",
+        env = "TOLLGATE_GATEWAY_ADDRESS",
+        value_delimiter = ','
+    )]
+    gateway_addresses: Vec<String>,
 }
 
 impl KubeFlags {
@@ -238,6 +246,7 @@ impl KubeFlags {
         KubeOptions {
             kubeconfig: self.kubeconfig.clone(),
             watch_namespaces: self.watch_namespaces.clone(),
+            gateway_addresses: self.gateway_addresses.clone(),
             lease_name: self
                 .lease_name
                 .clone()

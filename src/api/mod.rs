@@ -3,10 +3,10 @@
 //! gateway behaviour lives here. `fixtures` (unit tests and dev builds only) builds objects.
 
 mod duration;
-#[allow(unreachable_pub)]
-pub mod gateway;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+#[allow(unreachable_pub)]
+pub mod gateway;
 // kube's `KubeSchema` derive (x_kube validation rules) emits `pub` helper items inside these
 // private modules, which `unreachable_pub` flags; their public types are re-exported below.
 #[allow(unreachable_pub)]

@@ -412,7 +412,10 @@ fn listener_tls(
         )
     };
     let Some(tls) = &l.tls else {
-        return invalid("InvalidCertificateRef", "an HTTPS listener needs tls".into());
+        return invalid(
+            "InvalidCertificateRef",
+            "an HTTPS listener needs tls".into(),
+        );
     };
     if tls.mode.as_deref().is_some_and(|m| m != "Terminate") {
         return (
@@ -560,7 +563,8 @@ fn compile_http_route(
                 }
             };
             let Ok(prefix) = normalize_prefix(value) else {
-                unsupported.get_or_insert(format!("{at}.path.value {value:?} is not a normal path"));
+                unsupported
+                    .get_or_insert(format!("{at}.path.value {value:?} is not a normal path"));
                 continue;
             };
             let mut headers = Vec::new();
@@ -689,7 +693,10 @@ fn rule_backends(
         {
             fail(
                 "RefNotPermitted",
-                format!("{at}: Service {bns}/{} needs a ReferenceGrant in {bns}", b.name),
+                format!(
+                    "{at}: Service {bns}/{} needs a ReferenceGrant in {bns}",
+                    b.name
+                ),
             );
             continue;
         }
@@ -702,7 +709,11 @@ fn rule_backends(
                 continue;
             }
         }
-        let Some(port) = b.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+        let Some(port) = b
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+        else {
             fail("UnsupportedValue", format!("{at}: a Service needs a port"));
             continue;
         };

@@ -54,16 +54,13 @@ pub fn pick_upstream<'a>(
         Sticky::None => None,
     };
     let rng: u64 = rand::random();
-    let idx = route
-        .weighted
-        .pick(canary, sticky, rng)
-        .ok_or_else(|| {
-            if route.backends.is_empty() {
-                ProxyError::NoBackend
-            } else {
-                ProxyError::NoEndpoint
-            }
-        })?;
+    let idx = route.weighted.pick(canary, sticky, rng).ok_or_else(|| {
+        if route.backends.is_empty() {
+            ProxyError::NoBackend
+        } else {
+            ProxyError::NoEndpoint
+        }
+    })?;
     let backend = route.backends.get(idx).ok_or(ProxyError::NoEndpoint)?;
     let set = snap
         .endpoints

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use super::process::{run_limited, run_ok};
 use super::{handler, respond, Backend};
 
-use tollgate::api::{AgentApiKey, AgentRoute};
+use tollgate::api::{gateway, AgentApiKey, AgentRoute};
 use tollgate::app::{self, Running, ServeOptions};
 use tollgate::discovery::DiscoveryMode;
 use tollgate::sources::kubernetes::KubeOptions;
@@ -95,6 +95,46 @@ static SHARED: OnceLock<ControlPlane> = OnceLock::new();
 /// The control plane shared by the tests of this binary (CRDs installed), started on first use.
 pub fn shared() -> &'static ControlPlane {
     SHARED.get_or_init(|| ControlPlane::start("shared", true))
+}
+
+static WITH_GATEWAY_API: OnceLock<ControlPlane> = OnceLock::new();
+
+/// The Gateway API standard-channel CRDs: `TOLLGATE_GATEWAY_API_CRDS` (scripts/test.sh sets it),
+/// else what `hack/gateway-api-crds.sh` fetches from the Go module proxy (cached).
+pub fn gateway_api_crds() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TOLLGATE_GATEWAY_API_CRDS") {
+        return PathBuf::from(dir);
+    }
+    let out = run_ok(
+        Command::new(repo().join("hack/gateway-api-crds.sh")),
+        "hack/gateway-api-crds.sh",
+    );
+    PathBuf::from(
+        out.lines()
+            .last()
+            .expect("the script prints the CRD dir")
+            .trim(),
+    )
+}
+
+/// A control plane shared by a test binary, with Tollgate's CRDs and the Gateway API's.
+pub fn shared_with_gateway_api() -> &'static ControlPlane {
+    WITH_GATEWAY_API.get_or_init(|| {
+        let cp = ControlPlane::start("gateway-api", true);
+        let dir = gateway_api_crds();
+        let dir = dir.to_str().expect("a UTF-8 path");
+        cp.kubectl_blocking(&["apply", "--server-side", "-f", dir]);
+        cp.kubectl_blocking(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/gatewayclasses.gateway.networking.k8s.io",
+            "crd/gateways.gateway.networking.k8s.io",
+            "crd/httproutes.gateway.networking.k8s.io",
+            "crd/referencegrants.gateway.networking.k8s.io",
+        ]);
+        cp
+    })
 }
 
 impl ControlPlane {
@@ -409,6 +449,10 @@ fn resource(kind: &str) -> (ApiResource, bool) {
         "EndpointSlice" => (ApiResource::erase::<EndpointSlice>(&()), true),
         "RoleBinding" => (ApiResource::erase::<RoleBinding>(&()), true),
         "ClusterRoleBinding" => (ApiResource::erase::<ClusterRoleBinding>(&()), false),
+        "GatewayClass" => (ApiResource::erase::<gateway::GatewayClass>(&()), false),
+        "Gateway" => (ApiResource::erase::<gateway::Gateway>(&()), true),
+        "HTTPRoute" => (ApiResource::erase::<gateway::HTTPRoute>(&()), true),
+        "ReferenceGrant" => (ApiResource::erase::<gateway::ReferenceGrant>(&()), true),
         other => panic!("no ApiResource for {other} in the test harness"),
     }
 }

@@ -28,6 +28,7 @@ pub mod dnsmasq;
 pub mod k8s;
 pub mod mcp;
 pub mod metrics;
+pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod raw;

@@ -240,7 +240,9 @@ pub async fn gateway_api_installed(client: &Client) -> bool {
             true
         }
         Ok(Err(kube::Error::Api(s))) if s.code == 404 => {
-            tracing::info!("Gateway API CRDs not installed: Gateways and HTTPRoutes are not watched");
+            tracing::info!(
+                "Gateway API CRDs not installed: Gateways and HTTPRoutes are not watched"
+            );
             false
         }
         Ok(Err(e)) => {

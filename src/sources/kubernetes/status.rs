@@ -17,11 +17,11 @@ use tokio::sync::watch as signal;
 
 use super::watch::Reflectors;
 use super::Handle;
+use crate::api::gateway::{Gateway, GatewayClass, HTTPRoute, GATEWAY_CONTROLLER, GATEWAY_GROUP};
 use crate::api::{
     AgentApiKey, AgentApiKeyStatus, AgentRoute, AgentRouteStatus, BackendStatus, Condition,
     ConditionStatus,
 };
-use crate::api::gateway::{Gateway, GatewayClass, HTTPRoute, GATEWAY_CONTROLLER, GATEWAY_GROUP};
 use crate::config::gateway::GatewayApiReport;
 use crate::config::route::BackendTarget;
 use crate::config::{CompiledRoute, ObjectKey, ObjectReport, Snapshot};
@@ -491,7 +491,10 @@ fn plan_gateway_api(
             let parent_ref = serde_json::to_value(&p.parent_ref).unwrap_or(Value::Null);
             let old = current
                 .iter()
-                .find(|c| c["controllerName"] == GATEWAY_CONTROLLER && same_ref(&c["parentRef"], &parent_ref))
+                .find(|c| {
+                    c["controllerName"] == GATEWAY_CONTROLLER
+                        && same_ref(&c["parentRef"], &parent_ref)
+                })
                 .and_then(|c| c.get("conditions"));
             parents.push(json!({
                 "parentRef": parent_ref,

@@ -1,0 +1,370 @@
+//! Gateway API as an input of `tollgate run`, against a real kube-apiserver + etcd with the
+//! Gateway API release's standard-channel CRDs (hack/gateway-api-crds.sh): HTTPRoutes attached
+//! to Gateways of our GatewayClass carry traffic to Services whose EndpointSlices point at real
+//! backends, and status says what the spec asks, with its reasons. One namespace per test,
+//! one GatewayClass per test (they are cluster-scoped).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::k8s::*;
+use support::netns::NetnsBackend;
+use tollgate::api::gateway::{Gateway, GatewayClass, HTTPRoute, GATEWAY_CONTROLLER};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const SERVED: Duration = Duration::from_secs(10);
+
+/// A Service `name` (port 80) whose one EndpointSlice points at `backend`, in its own network
+/// namespace: the slice carries a real address.
+async fn service_for(admin: &kube::Client, ns: &str, name: &str, backend: &NetnsBackend) {
+    let port = backend.addr.port();
+    apply(
+        admin,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+               "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]}}),
+    )
+    .await;
+    apply(
+        admin,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": format!("{name}-1"), "namespace": ns,
+                            "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4",
+               "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+               "endpoints": [{"addresses": [backend.addr.ip().to_string()],
+                              "conditions": {"ready": true}}]}),
+    )
+    .await;
+}
+
+fn class(name: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+           "metadata": {"name": name}, "spec": {"controllerName": GATEWAY_CONTROLLER}})
+}
+
+fn http_route(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// (status, body) of a GET with this Host.
+async fn get_host(
+    http: &reqwest::Client,
+    url: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut req = http.get(url).header("host", host);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+async fn status_of<K>(admin: &kube::Client, ns: Option<&str>, name: &str) -> Option<Value>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + serde::Serialize,
+{
+    let ar = kube::api::ApiResource::erase::<K>(&());
+    let api: kube::Api<kube::api::DynamicObject> = match ns {
+        Some(ns) => kube::Api::namespaced_with(admin.clone(), ns, &ar),
+        None => kube::Api::all_with(admin.clone(), &ar),
+    };
+    let obj = api.get_opt(name).await.ok()??;
+    obj.data.get("status").cloned()
+}
+
+/// (status, reason) of condition `type_` in a conditions array.
+fn cond_in(conditions: &Value, type_: &str) -> Option<(String, String)> {
+    condition(&json!({ "conditions": conditions }), type_)
+}
+
+/// The conditions of our `parents[]` entry for Gateway `gateway` of an HTTPRoute's status.
+fn parent(status: &Value, gateway: &str) -> Option<Value> {
+    status["parents"].as_array()?.iter().find_map(|p| {
+        (p["controllerName"] == GATEWAY_CONTROLLER && p["parentRef"]["name"] == gateway)
+            .then(|| p["conditions"].clone())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproutes_route_by_path_header_method_and_weight_and_status_follows_the_spec() {
+    let cp = shared_with_gateway_api();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "gwapi").await;
+        let cls = format!("tollgate-{ns}");
+        let (a, b) = (NetnsBackend::start("a"), NetnsBackend::start("b"));
+        service_for(&admin, &ns, "svc-a", &a).await;
+        service_for(&admin, &ns, "svc-b", &b).await;
+        let mut kube = kube_options(&cp.admin_kubeconfig(), &ns, "gw");
+        kube.gateway_addresses = vec!["192.0.2.10".into(), "gw.example.com".into()];
+        let gw = gateway(&serve_options(), &kube).await;
+        assert!(
+            gw.kubernetes.as_ref().is_some_and(|k| k.debug()["synced"] == true),
+            "synced"
+        );
+        apply(&admin, class(&cls)).await;
+        apply(
+            &admin,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "edge", "namespace": ns},
+                   "spec": {"gatewayClassName": cls, "listeners": [
+                       {"name": "web", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
+                       {"name": "raw", "port": 9000, "protocol": "TCP"}]}}),
+        )
+        .await;
+        let backend = |svc: &str, weight: i32| json!({"name": svc, "port": 80, "weight": weight});
+        apply(
+            &admin,
+            http_route(&ns, "app", json!({
+                "parentRefs": [{"name": "edge", "sectionName": "web"}],
+                "hostnames": ["app.example.com"],
+                "rules": [
+                    {"matches": [{"path": {"type": "Exact", "value": "/exact"}}],
+                     "backendRefs": [backend("svc-b", 1)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/exact"}}],
+                     "backendRefs": [backend("svc-a", 1)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"},
+                                  "headers": [{"name": "x-version", "value": "2"}]}],
+                     "backendRefs": [backend("svc-b", 1)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "POST"}],
+                     "backendRefs": [backend("svc-b", 1)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                     "backendRefs": [backend("svc-a", 1)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/split"}}],
+                     "backendRefs": [backend("svc-a", 1), backend("svc-b", 0)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/nothing"}}],
+                     "backendRefs": [backend("svc-b", 0)]},
+                ]})),
+        )
+        .await;
+
+        let http = http();
+        let url = |p: &str| format!("http://{}{p}", gw.listen);
+        let host = "app.example.com";
+        eventually(SERVED, "the HTTPRoute serves", || async {
+            (get_host(&http, &url("/api/x"), host, &[]).await == (200, "a".into())).then_some(())
+        })
+        .await;
+        // Exact beats a prefix of the same path; the prefix still serves what is below it.
+        assert_eq!(get_host(&http, &url("/exact"), host, &[]).await, (200, "b".into()));
+        assert_eq!(get_host(&http, &url("/exact/more"), host, &[]).await, (200, "a".into()));
+        // A header match beats the plain prefix; a method match too.
+        assert_eq!(
+            get_host(&http, &url("/api/x"), host, &[("x-version", "2")]).await,
+            (200, "b".into())
+        );
+        let posted = http
+            .post(url("/api/x"))
+            .header("host", host)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(posted.text().await.unwrap_or_default(), "b");
+        // Prefixes match whole segments; another host is not this route's.
+        assert_eq!(get_host(&http, &url("/apix"), host, &[]).await.0, 404);
+        assert_eq!(get_host(&http, &url("/api/x"), "other.example.org", &[]).await.0, 404);
+        // Weight 0 gets no traffic; a rule with no backend that can take traffic is a 500.
+        for _ in 0..20 {
+            assert_eq!(get_host(&http, &url("/split"), host, &[]).await, (200, "a".into()));
+        }
+        assert_eq!(get_host(&http, &url("/nothing"), host, &[]).await.0, 500);
+        assert!(!b.seen().await.iter().any(|p| p == "/split"), "weight 0 got traffic");
+        assert!(a.seen().await.iter().filter(|p| *p == "/split").count() >= 20);
+
+        let class_status = eventually(SERVED, "GatewayClass Accepted", || async {
+            let s = status_of::<GatewayClass>(&admin, None, &cls).await?;
+            (cond_in(&s["conditions"], "Accepted")? == ("True".into(), "Accepted".into()))
+                .then_some(s)
+        })
+        .await;
+        assert!(class_status["conditions"][0]["lastTransitionTime"].is_string());
+        let gw_status = eventually(SERVED, "Gateway Programmed, one route on web", || async {
+            let s = status_of::<Gateway>(&admin, Some(&ns), "edge").await?;
+            let web = s["listeners"].as_array()?.iter().find(|l| l["name"] == "web")?.clone();
+            (cond_in(&s["conditions"], "Programmed")?.0 == "True" && web["attachedRoutes"] == 1)
+                .then_some(s)
+        })
+        .await;
+        assert_eq!(cond_in(&gw_status["conditions"], "Accepted").unwrap().0, "True");
+        assert_eq!(
+            gw_status["addresses"],
+            json!([{"type": "IPAddress", "value": "192.0.2.10"},
+                   {"type": "Hostname", "value": "gw.example.com"}])
+        );
+        let raw = gw_status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "raw")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            cond_in(&raw["conditions"], "Accepted").unwrap(),
+            ("False".into(), "UnsupportedProtocol".into())
+        );
+        assert_eq!(raw["attachedRoutes"], 0);
+        let route_status = eventually(SERVED, "HTTPRoute parent Accepted", || async {
+            let s = status_of::<HTTPRoute>(&admin, Some(&ns), "app").await?;
+            let c = parent(&s, "edge")?;
+            (cond_in(&c, "Accepted")?.0 == "True").then_some(c)
+        })
+        .await;
+        assert_eq!(
+            cond_in(&route_status, "ResolvedRefs").unwrap(),
+            ("True".into(), "ResolvedRefs".into())
+        );
+
+        // Status is written once, not on every pass.
+        let k8s = gw.kubernetes.clone().expect("the Kubernetes handle");
+        let writes = k8s.status_writes();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(k8s.status_writes(), writes, "unchanged status is not written again");
+
+        delete(&admin, "HTTPRoute", &ns, "app").await;
+        eventually(SERVED, "deleted: 404", || async {
+            (get_host(&http, &url("/api/x"), host, &[]).await.0 == 404).then_some(())
+        })
+        .await;
+        eventually(SERVED, "attachedRoutes back to 0", || async {
+            let s = status_of::<Gateway>(&admin, Some(&ns), "edge").await?;
+            let web = s["listeners"].as_array()?.iter().find(|l| l["name"] == "web")?.clone();
+            (web["attachedRoutes"] == 0).then_some(())
+        })
+        .await;
+        delete(&admin, "GatewayClass", "", &cls).await;
+        gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachment_and_reference_failures_carry_the_spec_reasons() {
+    let cp = shared_with_gateway_api();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "gwref").await;
+        let other = namespace(&admin, "gwother").await;
+        let cls = format!("tollgate-{ns}");
+        let a = NetnsBackend::start("a");
+        let far = NetnsBackend::start("far");
+        service_for(&admin, &ns, "svc-a", &a).await;
+        service_for(&admin, &other, "far", &far).await;
+        let mut kube = kube_options(&cp.admin_kubeconfig(), &ns, "gw");
+        kube.watch_namespaces = vec![ns.clone(), other.clone()];
+        let gw = gateway(&serve_options(), &kube).await;
+        apply(&admin, class(&cls)).await;
+        apply(
+            &admin,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "edge", "namespace": ns},
+                   "spec": {"gatewayClassName": cls, "listeners": [
+                       {"name": "same", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
+                       {"name": "all", "port": 8080, "protocol": "HTTP",
+                        "hostname": "shared.example.net",
+                        "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
+        )
+        .await;
+        let to_a = json!([{"backendRefs": [{"name": "svc-a", "port": 80}]}]);
+        let cases = [
+            // sectionName names no listener.
+            (ns.as_str(), "nosection", json!({"parentRefs": [{"name": "edge", "sectionName": "nope"}],
+                "rules": to_a.clone()}), "Accepted", "NoMatchingParent"),
+            // port names no listener.
+            (ns.as_str(), "noport", json!({"parentRefs": [{"name": "edge", "port": 81}],
+                "rules": to_a.clone()}), "Accepted", "NoMatchingParent"),
+            // A route of another namespace on a `Same` listener.
+            (other.as_str(), "foreign", json!({"parentRefs": [{"name": "edge", "namespace": ns.clone(),
+                "sectionName": "same"}], "rules": [{"backendRefs": [{"name": "far", "port": 80}]}]}),
+                "Accepted", "NotAllowedByListeners"),
+            // No hostname of the route intersects the listener's.
+            (ns.as_str(), "elsewhere", json!({"parentRefs": [{"name": "edge", "sectionName": "same"}],
+                "hostnames": ["app.example.org"], "rules": to_a.clone()}),
+                "Accepted", "NoMatchingListenerHostname"),
+            (ns.as_str(), "missing", json!({"parentRefs": [{"name": "edge", "sectionName": "same"}],
+                "hostnames": ["missing.example.com"],
+                "rules": [{"backendRefs": [{"name": "ghost", "port": 80}]}]}),
+                "ResolvedRefs", "BackendNotFound"),
+            (ns.as_str(), "crossns", json!({"parentRefs": [{"name": "edge", "sectionName": "same"}],
+                "hostnames": ["cross.example.com"],
+                "rules": [{"backendRefs": [{"name": "far", "namespace": other.clone(), "port": 80}]}]}),
+                "ResolvedRefs", "RefNotPermitted"),
+            (ns.as_str(), "kind", json!({"parentRefs": [{"name": "edge", "sectionName": "same"}],
+                "hostnames": ["kind.example.com"],
+                "rules": [{"backendRefs": [{"group": "example.com", "kind": "Bucket", "name": "x"}]}]}),
+                "ResolvedRefs", "InvalidKind"),
+        ];
+        for (rns, name, spec, _, _) in &cases {
+            apply(&admin, http_route(rns, name, spec.clone())).await;
+        }
+        for (rns, name, _, type_, reason) in &cases {
+            eventually(SERVED, &format!("{name}: {type_} {reason}"), || async {
+                let s = status_of::<HTTPRoute>(&admin, Some(rns), name).await?;
+                let c = parent(&s, "edge")?;
+                (cond_in(&c, type_)? == ("False".into(), reason.to_string())).then_some(())
+            })
+            .await;
+        }
+        let http = http();
+        let url = format!("http://{}/", gw.listen);
+        // A route that failed to resolve its only backend answers 500 (no backend to take it).
+        assert_eq!(get_host(&http, &url, "missing.example.com", &[]).await.0, 500);
+        assert_eq!(get_host(&http, &url, "cross.example.com", &[]).await.0, 500);
+
+        // A ReferenceGrant in the Service's namespace lets the route through.
+        apply(
+            &admin,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+                   "metadata": {"name": "from-gw", "namespace": other},
+                   "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                      "namespace": ns}],
+                            "to": [{"group": "", "kind": "Service", "name": "far"}]}}),
+        )
+        .await;
+        eventually(SERVED, "granted: the cross-namespace backend serves", || async {
+            (get_host(&http, &url, "cross.example.com", &[]).await == (200, "far".into()))
+                .then_some(())
+        })
+        .await;
+        eventually(SERVED, "granted: ResolvedRefs True", || async {
+            let s = status_of::<HTTPRoute>(&admin, Some(&ns), "crossns").await?;
+            (cond_in(&parent(&s, "edge")?, "ResolvedRefs")?.0 == "True").then_some(())
+        })
+        .await;
+
+        // The `All` listener admits the other namespace's route; its hostname is the
+        // listener's, since the route names none.
+        apply(
+            &admin,
+            http_route(&other, "shared", json!({
+                "parentRefs": [{"name": "edge", "namespace": ns.clone(), "sectionName": "all"}],
+                "rules": [{"backendRefs": [{"name": "far", "port": 80}]}]})),
+        )
+        .await;
+        eventually(SERVED, "All: the foreign route serves the listener's host", || async {
+            (get_host(&http, &url, "shared.example.net", &[]).await == (200, "far".into()))
+                .then_some(())
+        })
+        .await;
+        assert_eq!(get_host(&http, &url, "other.example.net", &[]).await.0, 404);
+
+        // A route not attached anywhere serves nothing.
+        assert_eq!(get_host(&http, &url, "app.example.org", &[]).await.0, 404);
+        delete(&admin, "GatewayClass", "", &cls).await;
+        gw.shutdown().await;
+    })
+    .await
+}
