@@ -368,3 +368,121 @@ async fn attachment_and_reference_failures_carry_the_spec_reasons() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_edit_headers_redirect_and_rewrite_and_unknown_ones_are_refused() {
+    let cp = shared_with_gateway_api();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "gwfilter").await;
+        let cls = format!("tollgate-{ns}");
+        let a = NetnsBackend::start("a");
+        service_for(&admin, &ns, "svc-a", &a).await;
+        let gw = gateway(&serve_options(), &kube_options(&cp.admin_kubeconfig(), &ns, "gw")).await;
+        apply(&admin, class(&cls)).await;
+        apply(
+            &admin,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "edge", "namespace": ns},
+                   "spec": {"gatewayClassName": cls, "listeners": [
+                       {"name": "web", "port": 80, "protocol": "HTTP"}]}}),
+        )
+        .await;
+        let to_a = json!([{"name": "svc-a", "port": 80}]);
+        let prefix = |p: &str| json!([{"path": {"type": "PathPrefix", "value": p}}]);
+        apply(
+            &admin,
+            http_route(&ns, "filters", json!({
+                "parentRefs": [{"name": "edge"}],
+                "hostnames": ["f.example.com"],
+                "rules": [
+                    {"matches": prefix("/hdr"), "backendRefs": to_a.clone(), "filters": [
+                        {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                            "set": [{"name": "x-set", "value": "s"}],
+                            "add": [{"name": "x-add", "value": "added"}],
+                            "remove": ["x-drop"]}},
+                        {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                            "set": [{"name": "x-resp", "value": "r"}],
+                            "remove": ["x-from-backend"]}}]},
+                    {"matches": prefix("/redir"), "filters": [
+                        {"type": "RequestRedirect", "requestRedirect": {
+                            "scheme": "https", "hostname": "new.example.com", "statusCode": 301}}]},
+                    {"matches": prefix("/moved"), "filters": [
+                        {"type": "RequestRedirect", "requestRedirect": {"path": {
+                            "type": "ReplacePrefixMatch", "replacePrefixMatch": "/here"}}}]},
+                    {"matches": prefix("/old"), "backendRefs": to_a.clone(), "filters": [
+                        {"type": "URLRewrite", "urlRewrite": {"hostname": "rewritten.example.com",
+                            "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}]},
+                    {"matches": prefix("/full"), "backendRefs": to_a.clone(), "filters": [
+                        {"type": "URLRewrite", "urlRewrite": {"path": {
+                            "type": "ReplaceFullPath", "replaceFullPath": "/only"}}}]},
+                    {"matches": prefix("/plain"), "backendRefs": to_a.clone(),
+                     "timeouts": {"request": "2s"}},
+                ]})),
+        )
+        .await;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client");
+        let url = |p: &str| format!("http://{}{p}", gw.listen);
+        let send = |p: &str| {
+            http.get(url(p))
+                .header("host", "f.example.com")
+                .header("x-drop", "gone")
+                .header("x-add", "mine")
+                .send()
+        };
+        eventually(SERVED, "the filtered route serves", || async {
+            (send("/plain").await.ok()?.status() == 200).then_some(())
+        })
+        .await;
+
+        let r = send("/hdr/x").await.expect("GET /hdr/x");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-resp"], "r");
+        assert!(r.headers().get("x-from-backend").is_none(), "removed response header");
+        let got: Value = serde_json::from_str(r.headers()["x-got-headers"].to_str().unwrap()).unwrap();
+        assert_eq!(got["x-set"], json!(["s"]));
+        assert_eq!(got["x-add"], json!(["mine", "added"]), "add appends: {got}");
+        assert!(got.get("x-drop").is_none(), "removed request header: {got}");
+
+        let r = send("/redir/x?q=1").await.expect("GET /redir/x");
+        assert_eq!(r.status(), 301);
+        assert_eq!(r.headers()["location"], "https://new.example.com/redir/x?q=1");
+        let r = send("/moved/deeper").await.expect("GET /moved/deeper");
+        assert_eq!(r.status(), 302);
+        assert_eq!(r.headers()["location"], "http://f.example.com/here/deeper");
+        assert!(!a.seen().await.iter().any(|p| p.contains("redir") || p.contains("moved")));
+
+        let r = send("/old/x").await.expect("GET /old/x");
+        assert_eq!(r.headers()["x-got-path"], "/new/x");
+        let got: Value = serde_json::from_str(r.headers()["x-got-headers"].to_str().unwrap()).unwrap();
+        assert_eq!(got["host"], json!(["rewritten.example.com"]));
+        let r = send("/full/a/b").await.expect("GET /full/a/b");
+        assert_eq!(r.headers()["x-got-path"], "/only");
+
+        // A filter type that is not served refuses the route, with the spec's reason.
+        apply(
+            &admin,
+            http_route(&ns, "mirror", json!({
+                "parentRefs": [{"name": "edge"}], "hostnames": ["m.example.com"],
+                "rules": [{"backendRefs": to_a.clone(), "filters": [
+                    {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "svc-a", "port": 80}}}]}]})),
+        )
+        .await;
+        eventually(SERVED, "RequestMirror: Accepted False UnsupportedValue", || async {
+            let s = status_of::<HTTPRoute>(&admin, Some(&ns), "mirror").await?;
+            (cond_in(&parent(&s, "edge")?, "Accepted")? == ("False".into(), "UnsupportedValue".into()))
+                .then_some(())
+        })
+        .await;
+        let (code, _) = get_host(&http, &url("/"), "m.example.com", &[]).await;
+        assert_eq!(code, 404, "a refused route serves nothing");
+        delete(&admin, "GatewayClass", "", &cls).await;
+        gw.shutdown().await;
+    })
+    .await
+}

@@ -505,6 +505,7 @@ fn compile_route<'a>(
         auth,
         rate_limit,
         rewrite,
+        filters: None,
         cors,
         tls_secret: spec.tls.as_ref().map(|t| t.secret_name.clone()),
         canary_header,

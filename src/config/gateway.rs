@@ -519,9 +519,13 @@ fn compile_http_route(
     let mut out = Vec::new();
     let default_match = [HTTPRouteMatch::default()];
     for (ri, rule) in route.spec.rules.iter().enumerate() {
-        if !rule.filters.is_empty() {
-            unsupported.get_or_insert(format!("rules[{ri}].filters are not served yet"));
-        }
+        let (filters, rewrite) = match compile_filters(&rule.filters, ri) {
+            Ok(f) => f,
+            Err(msg) => {
+                unsupported.get_or_insert(msg);
+                (None, None)
+            }
+        };
         let mut timeouts = CompiledTimeouts::default();
         if let Some(t) = &rule.timeouts {
             if t.backend_request.is_some() {
@@ -628,7 +632,8 @@ fn compile_http_route(
                     any_namespace: false,
                 },
                 rate_limit: None,
-                rewrite: None,
+                rewrite: rewrite.clone(),
+                filters: filters.clone(),
                 weighted: crate::balance::weighted::WeightedBackends::with_identities(
                     backends.iter().enumerate().map(|(index, b)| {
                         crate::balance::weighted::BackendWeight {
@@ -651,6 +656,93 @@ fn compile_http_route(
         }
     }
     (out, refs, unsupported)
+}
+
+fn header_edits(m: &HeaderModifier, at: &str) -> Result<HeaderEdits, String> {
+    let pair = |p: &HeaderPair| match (
+        HeaderName::from_bytes(p.name.as_bytes()),
+        HeaderValue::from_str(&p.value),
+    ) {
+        (Ok(n), Ok(v)) => Ok((n, v)),
+        _ => Err(format!("{at}: invalid header {}", p.name)),
+    };
+    Ok(HeaderEdits {
+        set: m.set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: m.add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: m
+            .remove
+            .iter()
+            .map(|n| {
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("{at}: invalid header {n}"))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn path_change(p: &PathModifier, at: &str) -> Result<PathChange, String> {
+    match (
+        p.type_.as_str(),
+        &p.replace_full_path,
+        &p.replace_prefix_match,
+    ) {
+        ("ReplaceFullPath", Some(full), _) => Ok(PathChange::Full(full.clone())),
+        ("ReplacePrefixMatch", _, Some(prefix)) => Ok(PathChange::Prefix(prefix.clone())),
+        (t, _, _) => Err(format!("{at}.path: {t} without its value")),
+    }
+}
+
+/// A rule's filters: header modifiers, a redirect, a URL rewrite (`ReplacePrefixMatch` becomes
+/// the route's `rewrite`, which AgentRoutes use too). `Err`: a filter that is not served.
+#[allow(clippy::type_complexity)]
+fn compile_filters(
+    filters: &[HTTPRouteFilter],
+    ri: usize,
+) -> Result<(Option<Box<RouteFilters>>, Option<String>), String> {
+    if filters.is_empty() {
+        return Ok((None, None));
+    }
+    let mut out = RouteFilters::default();
+    let mut rewrite = None;
+    for (fi, f) in filters.iter().enumerate() {
+        let at = format!("rules[{ri}].filters[{fi}]");
+        let missing = || format!("{at}: {} without its settings", f.type_);
+        match f.type_.as_str() {
+            "RequestHeaderModifier" => {
+                let m = f.request_header_modifier.as_ref().ok_or_else(missing)?;
+                out.request_headers = Some(header_edits(m, &at)?);
+            }
+            "ResponseHeaderModifier" => {
+                let m = f.response_header_modifier.as_ref().ok_or_else(missing)?;
+                out.response_headers = Some(header_edits(m, &at)?);
+            }
+            "RequestRedirect" => {
+                let r = f.request_redirect.as_ref().ok_or_else(missing)?;
+                out.redirect = Some(CompiledRedirect {
+                    scheme: r.scheme.clone(),
+                    hostname: r.hostname.clone(),
+                    port: r.port.and_then(|p| u16::try_from(p).ok()),
+                    path: r.path.as_ref().map(|p| path_change(p, &at)).transpose()?,
+                    status: r.status_code.unwrap_or(302),
+                });
+            }
+            "URLRewrite" => {
+                let r = f.url_rewrite.as_ref().ok_or_else(missing)?;
+                if let Some(h) = &r.hostname {
+                    out.rewrite_host = Some(
+                        HeaderValue::from_str(h).map_err(|_| format!("{at}: invalid hostname"))?,
+                    );
+                }
+                match r.path.as_ref().map(|p| path_change(p, &at)).transpose()? {
+                    Some(PathChange::Full(p)) => out.full_path = Some(p),
+                    Some(PathChange::Prefix(p)) => rewrite = Some(p),
+                    None => {}
+                }
+            }
+            other => return Err(format!("{at}: filter type {other} is not served")),
+        }
+    }
+    Ok((Some(Box::new(out)), rewrite))
 }
 
 /// A rule's backends that can take traffic: Services that exist (another namespace's only with

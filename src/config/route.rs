@@ -199,6 +199,67 @@ impl CompiledCors {
     }
 }
 
+/// Header edits of a Gateway API header modifier filter, in the spec's order: set, add, remove.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeaderEdits {
+    #[serde(serialize_with = "ser_headers")]
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    #[serde(serialize_with = "ser_headers")]
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    #[serde(serialize_with = "ser_names")]
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            h.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            h.remove(n);
+        }
+    }
+}
+
+/// A path modifier of a redirect or rewrite.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathChange {
+    /// The whole path becomes this.
+    Full(String),
+    /// The matched prefix becomes this.
+    Prefix(String),
+}
+
+/// A Gateway API `RequestRedirect`: answered by the gateway, never forwarded.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledRedirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathChange>,
+    pub status: u16,
+}
+
+/// The Gateway API filters of a rule. Boxed behind an `Option` on the route: a route without
+/// filters pays one pointer test per phase that reads them.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteFilters {
+    pub request_headers: Option<HeaderEdits>,
+    pub response_headers: Option<HeaderEdits>,
+    pub redirect: Option<CompiledRedirect>,
+    /// `URLRewrite` hostname: the `Host` sent upstream.
+    #[serde(skip)]
+    pub rewrite_host: Option<HeaderValue>,
+    /// `URLRewrite` `ReplaceFullPath` (`ReplacePrefixMatch` is the route's `rewrite`).
+    pub full_path: Option<String>,
+}
+
 /// A route ready to serve.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -223,6 +284,9 @@ pub struct CompiledRoute {
     pub auth: CompiledAuth,
     pub rate_limit: Option<CompiledRateLimit>,
     pub rewrite: Option<String>,
+    /// Gateway API filters (HTTPRoute rules only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Box<RouteFilters>>,
     pub backends: Vec<CompiledBackend>,
     pub cors: Option<CompiledCors>,
     pub tls_secret: Option<String>,
@@ -251,6 +315,15 @@ fn ser_headers<S: serde::Serializer>(
     seq.end()
 }
 
+fn ser_names<S: serde::Serializer>(h: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(h.len()))?;
+    for n in h {
+        seq.serialize_element(n.as_str())?;
+    }
+    seq.end()
+}
+
 fn ser_opt_name<S: serde::Serializer>(h: &Option<HeaderName>, s: S) -> Result<S::Ok, S::Error> {
     match h {
         Some(n) => s.serialize_some(n.as_str()),
@@ -264,6 +337,11 @@ impl CompiledRoute {
         let Some(new_prefix) = &self.rewrite else {
             return std::borrow::Cow::Borrowed(path);
         };
+        std::borrow::Cow::Owned(self.replace_prefix(new_prefix, path))
+    }
+
+    /// `path` with the matched prefix replaced by `new_prefix`.
+    pub fn replace_prefix(&self, new_prefix: &str, path: &str) -> String {
         let rest = if self.prefix == "/" {
             path
         } else {
@@ -282,6 +360,6 @@ impl CompiledRoute {
         } else {
             out.push_str(rest);
         }
-        std::borrow::Cow::Owned(out)
+        out
     }
 }

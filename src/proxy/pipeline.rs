@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use super::context::RequestCtx;
 use super::phases::{
-    authenticate, authorize, cors, forward, limits, mcp, respond, route_match, tokens,
+    authenticate, authorize, cors, filters, forward, limits, mcp, respond, route_match, tokens,
 };
 use super::{Gateway, ProxyBody, ProxyError};
 use crate::api::Protocol;
@@ -34,6 +34,9 @@ pub async fn handle(
 /// step never reaches a backend.
 async fn run(cx: &mut RequestCtx<'_>) -> Result<Response<ProxyBody>, ProxyError> {
     let route = route_match::run(cx).await?;
+    if let Some(redirect) = route.filters.as_ref().and_then(|f| f.redirect.as_ref()) {
+        return Ok(filters::redirect(cx, &route, redirect));
+    }
     if let Some(preflight) = cors::run(cx, &route) {
         return Ok(preflight);
     }

@@ -10,10 +10,11 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The server inside the namespace: answers every request 200 with its name, and
-/// `GET /_seen` with the paths it has served, one per line.
+/// The server inside the namespace: answers every request 200 with its name, the request's
+/// path in `x-got-path` and its headers as JSON in `x-got-headers`, and `GET /_seen` with the
+/// paths it has served, one per line.
 const SERVER: &str = r#"
-import http.server, sys
+import http.server, json, sys
 name, port = sys.argv[1], int(sys.argv[2])
 seen = []
 class H(http.server.BaseHTTPRequestHandler):
@@ -26,6 +27,12 @@ class H(http.server.BaseHTTPRequestHandler):
         if self.path != "/_seen":
             seen.append(self.path)
         self.send_response(200)
+        self.send_header("x-got-path", self.path)
+        got = {}
+        for k, v in self.headers.items():
+            got.setdefault(k.lower(), []).append(v)
+        self.send_header("x-got-headers", json.dumps(got))
+        self.send_header("x-from-backend", "yes")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -56,7 +56,10 @@ pub(crate) async fn run(
         .normalized
         .as_deref()
         .unwrap_or_else(|| cx.head.uri.path());
-    let path = route.rewrite_path(path);
+    let path = match route.filters.as_ref().and_then(|f| f.full_path.as_deref()) {
+        Some(full) => std::borrow::Cow::Borrowed(full),
+        None => route.rewrite_path(path),
+    };
     let query = outbound::query(&cx.head.uri, cx.carrier);
     let deadline = route.timeouts.request.map(|d| cx.started + d);
     // Only filled when another attempt may follow (no allocation for a single attempt).
@@ -93,6 +96,9 @@ pub(crate) async fn run(
         };
         up.headers_mut()
             .insert(header::HOST, backend.authority.clone());
+        if let Some(f) = &route.filters {
+            super::filters::request(f, up.headers_mut());
+        }
         let mut guard = picked.guard;
         if !last {
             tried.push(guard.endpoint.addr());

@@ -3,6 +3,7 @@
 //! runs and what it may answer:
 //!
 //! 1. [`route_match`]: always; 400 (malformed), 404, 405. Reads the body only for `bodyField`.
+//!    [`filters`]: on HTTPRoute rules with a `RequestRedirect`: the redirect (3xx).
 //! 2. [`cors`]: on routes with a CORS policy; answers preflights (204).
 //! 3. [`authenticate`]: always; 401, or 503 when the external auth service cannot answer.
 //! 4. [`authorize`]: for a known caller; 403.
@@ -16,6 +17,7 @@
 pub(crate) mod authenticate;
 pub(crate) mod authorize;
 pub(crate) mod cors;
+pub(crate) mod filters;
 pub(crate) mod forward;
 pub(crate) mod limits;
 pub(crate) mod mcp;

@@ -37,6 +37,13 @@ pub(crate) fn upstream(
         .map(|r| Box::new(UsageTap::new(gw, route, cx.client(), r, &resp)) as Box<dyn BodyTap>);
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(edits) = route
+        .filters
+        .as_ref()
+        .and_then(|f| f.response_headers.as_ref())
+    {
+        edits.apply(&mut parts.headers);
+    }
     if let Some(cors) = &route.cors {
         super::cors::response_headers(cors, cx.origin.take(), &mut parts.headers);
     }
