@@ -439,7 +439,7 @@ fn listener_tls(
     for r in &tls.certificate_refs {
         let group = r.group.as_deref().unwrap_or("");
         let kind = r.kind.as_deref().unwrap_or("Secret");
-        if group != "" || kind != "Secret" {
+        if !group.is_empty() || kind != "Secret" {
             return invalid(
                 "InvalidCertificateRef",
                 format!("certificateRef {kind} {}: only Secrets", r.name),
@@ -767,7 +767,7 @@ fn rule_backends(
         let at = format!("rules[{ri}].backendRefs[{bi}]");
         let group = b.group.as_deref().unwrap_or("");
         let kind = b.kind.as_deref().unwrap_or("Service");
-        if group != "" || kind != "Service" {
+        if !group.is_empty() || kind != "Service" {
             fail("InvalidKind", format!("{at}: {kind} is not a Service"));
             continue;
         }
@@ -836,4 +836,94 @@ fn rule_backends(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(hostname: Option<&str>, allowed: Option<AllowedRoutes>) -> Listener {
+        Listener {
+            name: "web".into(),
+            hostname: hostname.map(str::to_string),
+            port: 80,
+            protocol: "HTTP".into(),
+            tls: None,
+            allowed_routes: allowed,
+        }
+    }
+
+    #[test]
+    fn listener_and_route_hostnames_intersect_as_the_spec_says() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            intersect(None, &s(&["a.example.com"])),
+            Some(s(&["a.example.com"]))
+        );
+        assert_eq!(
+            intersect(Some("*.example.com"), &[]),
+            Some(s(&["*.example.com"]))
+        );
+        assert_eq!(
+            intersect(
+                Some("*.example.com"),
+                &s(&["a.example.com", "example.com", "x.org"])
+            ),
+            Some(s(&["a.example.com"]))
+        );
+        // A route wildcard narrower than the listener's host: the listener's host.
+        assert_eq!(
+            intersect(Some("a.example.com"), &s(&["*.example.com"])),
+            Some(s(&["a.example.com"]))
+        );
+        assert_eq!(
+            intersect(Some("a.example.com"), &s(&["b.example.com"])),
+            None
+        );
+    }
+
+    #[test]
+    fn allowed_routes_namespaces_and_kinds() {
+        let same = listener(None, None);
+        assert!(allows(&same, "gw", "gw"));
+        assert!(!allows(&same, "gw", "other"));
+        let all = listener(
+            None,
+            Some(AllowedRoutes {
+                namespaces: Some(RouteNamespaces {
+                    from: Some("All".into()),
+                }),
+                kinds: None,
+            }),
+        );
+        assert!(allows(&all, "gw", "other"));
+        let grpc_only = listener(
+            None,
+            Some(AllowedRoutes {
+                namespaces: None,
+                kinds: Some(vec![RouteGroupKind {
+                    group: None,
+                    kind: "GRPCRoute".into(),
+                }]),
+            }),
+        );
+        assert!(!allows(&grpc_only, "gw", "gw"));
+        let selector = listener(
+            None,
+            Some(AllowedRoutes {
+                namespaces: Some(RouteNamespaces {
+                    from: Some("Selector".into()),
+                }),
+                kinds: None,
+            }),
+        );
+        assert!(!allows(&selector, "gw", "gw"), "Selector admits none");
+    }
+
+    #[test]
+    fn precedence_orders_exact_then_method_then_headers_then_query() {
+        assert!(precedence(true, false, 0, 0) > precedence(false, true, 16, 16));
+        assert!(precedence(false, true, 0, 0) > precedence(false, false, 16, 16));
+        assert!(precedence(false, false, 2, 0) > precedence(false, false, 1, 9));
+    }
 }
