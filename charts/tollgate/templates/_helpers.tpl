@@ -76,6 +76,14 @@ manifests/rbac/ grants the same; tests/install.rs fails if the two differ.
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- /* Gateway API (read only when its CRDs are installed). GatewayClasses are cluster-scoped:
+       in a namespaced Role that line grants nothing, and Gateways are then not watched. */}}
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gatewayclasses, gateways, httproutes, referencegrants]
+  verbs: [list, watch]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gatewayclasses/status, gateways/status, httproutes/status]
+  verbs: [patch]
 {{- end }}
 
 {{/* Leader election: the Lease in the release namespace. */}}
