@@ -140,6 +140,9 @@ async fn httproutes_route_by_path_header_method_and_weight_and_status_follows_th
                     {"matches": [{"path": {"type": "PathPrefix", "value": "/api"},
                                   "headers": [{"name": "x-version", "value": "2"}]}],
                      "backendRefs": [backend("svc-b", 1)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"},
+                                  "queryParams": [{"name": "v", "value": "2"}]}],
+                     "backendRefs": [backend("svc-b", 1)]},
                     {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "POST"}],
                      "backendRefs": [backend("svc-b", 1)]},
                     {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
@@ -174,6 +177,9 @@ async fn httproutes_route_by_path_header_method_and_weight_and_status_follows_th
             .await
             .expect("POST");
         assert_eq!(posted.text().await.unwrap_or_default(), "b");
+        // A query parameter match: the first parameter of that name, exactly.
+        assert_eq!(get_host(&http, &url("/api/x?v=2"), host, &[]).await, (200, "b".into()));
+        assert_eq!(get_host(&http, &url("/api/x?v=3&v=2"), host, &[]).await, (200, "a".into()));
         // Prefixes match whole segments; another host is not this route's.
         assert_eq!(get_host(&http, &url("/apix"), host, &[]).await.0, 404);
         assert_eq!(get_host(&http, &url("/api/x"), "other.example.org", &[]).await.0, 404);

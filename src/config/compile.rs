@@ -496,6 +496,7 @@ fn compile_route<'a>(
         hosts,
         prefix,
         exact: None,
+        query: Vec::new(),
         methods,
         headers,
         body_field,

@@ -592,9 +592,15 @@ fn compile_http_route(
                     .cmp(b.0.as_str())
                     .then(a.1.as_bytes().cmp(b.1.as_bytes()))
             });
-            if !m.query_params.is_empty() {
-                unsupported.get_or_insert(format!("{at}.queryParams are not served yet"));
+            let mut query: Vec<(Box<str>, Box<str>)> = Vec::new();
+            for q in &m.query_params {
+                if q.type_.as_deref().is_some_and(|t| t != "Exact") {
+                    unsupported.get_or_insert(format!("{at}.queryParams: only Exact is served"));
+                    continue;
+                }
+                query.push((q.name.as_str().into(), q.value.as_str().into()));
             }
+            query.sort();
             let methods = match &m.method {
                 Some(x) => MethodSet {
                     methods: vec![x.clone()],
@@ -602,7 +608,7 @@ fn compile_http_route(
                 },
                 None => MethodSet::default(),
             };
-            let conditions = precedence(exact, m.method.is_some(), headers.len(), 0);
+            let conditions = precedence(exact, m.method.is_some(), headers.len(), query.len());
             let id = format!("httproute/{rns}/{name}/{ri}");
             out.push(CompiledRoute {
                 id: Arc::from(id.as_str()),
@@ -618,6 +624,7 @@ fn compile_http_route(
                     })
                 }),
                 prefix,
+                query,
                 methods,
                 headers,
                 body_field: None,

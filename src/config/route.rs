@@ -274,6 +274,9 @@ pub struct CompiledRoute {
     /// sits under `prefix` in the table, which is this path without a trailing slash).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact: Option<Box<str>>,
+    /// Gateway API `queryParams` (Exact): each name must carry this value. Empty: no check.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<(Box<str>, Box<str>)>,
     pub methods: MethodSet,
     #[serde(serialize_with = "ser_headers")]
     pub headers: Vec<(HeaderName, HeaderValue)>,

@@ -79,10 +79,24 @@ impl RouteTable {
         headers: &HeaderMap,
         body: Option<&BodyFields>,
     ) -> Match<'a> {
+        self.find_with_query(host, path, None, method, headers, body)
+    }
+
+    /// [`RouteTable::find`] that also checks the query parameter matches of Gateway API routes
+    /// against the request's raw query.
+    pub fn find_with_query<'a>(
+        &'a self,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+        method: &Method,
+        headers: &HeaderMap,
+        body: Option<&BodyFields>,
+    ) -> Match<'a> {
         let mut candidate = path;
         loop {
             if let Some(entries) = self.by_prefix.get(candidate) {
-                match Self::find_in(entries, host, path, method, headers, body) {
+                match Self::find_in(entries, host, path, query, method, headers, body) {
                     Match::NotFound => {}
                     found => return found,
                 }
@@ -106,6 +120,7 @@ impl RouteTable {
         entries: &'a [Entry],
         host: &str,
         path: &str,
+        query: Option<&str>,
         method: &Method,
         headers: &HeaderMap,
         body: Option<&BodyFields>,
@@ -118,6 +133,9 @@ impl RouteTable {
             }
             let r = &e.route;
             if r.exact.as_deref().is_some_and(|x| x != path) {
+                continue;
+            }
+            if !r.query.is_empty() && !query_matches(&r.query, query) {
                 continue;
             }
             if !r
@@ -179,5 +197,37 @@ impl RouteTable {
     /// Whether any route would need the body for this path (cheap pre-check for the pipeline).
     pub fn routes_on_body(&self) -> bool {
         self.routes.iter().any(|r| r.body_field.is_some())
+    }
+}
+
+/// Whether every `(name, value)` is in the raw query: the first parameter of that name, compared
+/// exactly (names are case-sensitive, as the Gateway API says; values are not decoded).
+fn query_matches(wanted: &[(Box<str>, Box<str>)], query: Option<&str>) -> bool {
+    let Some(q) = query else {
+        return false;
+    };
+    wanted.iter().all(|(name, value)| {
+        q.split('&')
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+            .find(|(n, _)| *n == &**name)
+            .is_some_and(|(_, v)| v == &**value)
+    })
+}
+
+#[cfg(test)]
+mod query_tests {
+    use super::query_matches;
+
+    #[test]
+    fn query_parameters_match_the_first_of_their_name_exactly() {
+        let w: Vec<(Box<str>, Box<str>)> = vec![("v".into(), "2".into()), ("a".into(), "".into())];
+        assert!(query_matches(&w, Some("a&v=2")));
+        assert!(query_matches(&w, Some("x=1&v=2&a=")));
+        assert!(!query_matches(&w, Some("v=3&v=2&a")), "the first v decides");
+        assert!(
+            !query_matches(&w, Some("V=2&a")),
+            "names are case-sensitive"
+        );
+        assert!(!query_matches(&w, None));
     }
 }

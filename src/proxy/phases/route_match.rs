@@ -38,7 +38,12 @@ pub(crate) async fn run(cx: &mut RequestCtx<'_>) -> Result<Arc<CompiledRoute>, P
     let method = announced.as_ref().unwrap_or(&cx.head.method);
 
     let host = host_of(&cx.head);
-    let first = match cx.snap.routes.find(&host, cx.path(), method, h, None) {
+    let query = cx.head.uri.query();
+    let first = match cx
+        .snap
+        .routes
+        .find_with_query(&host, cx.path(), query, method, h, None)
+    {
         Match::NeedBody => None,
         m => Some(found(m)?),
     };
@@ -53,11 +58,14 @@ pub(crate) async fn run(cx: &mut RequestCtx<'_>) -> Result<Arc<CompiledRoute>, P
             let method = method.clone();
             let fields = body_fields(cx.body.buffer(cap).await?);
             let host = host_of(&cx.head);
-            match cx
-                .snap
-                .routes
-                .find(&host, cx.path(), &method, &cx.head.headers, Some(&fields))
-            {
+            match cx.snap.routes.find_with_query(
+                &host,
+                cx.path(),
+                cx.head.uri.query(),
+                &method,
+                &cx.head.headers,
+                Some(&fields),
+            ) {
                 Match::NeedBody => return Err(ProxyError::NoRoute),
                 m => found(m)?,
             }
