@@ -19,11 +19,22 @@ const SERVED: Duration = Duration::from_secs(10);
 /// A Service `name` (port 80) whose one EndpointSlice points at `backend`, in its own network
 /// namespace: the slice carries a real address.
 async fn service_for(admin: &kube::Client, ns: &str, name: &str, backend: &NetnsBackend) {
+    service_on(admin, ns, name, 80, backend).await
+}
+
+/// [`service_for`] with the Service on `service_port`.
+async fn service_on(
+    admin: &kube::Client,
+    ns: &str,
+    name: &str,
+    service_port: u16,
+    backend: &NetnsBackend,
+) {
     let port = backend.addr.port();
     apply(
         admin,
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-               "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]}}),
+               "spec": {"ports": [{"name": "http", "port": service_port, "targetPort": port}]}}),
     )
     .await;
     apply(
@@ -488,6 +499,47 @@ async fn filters_edit_headers_redirect_and_rewrite_and_unknown_ones_are_refused(
         let (code, _) = get_host(&http, &url("/"), "m.example.com", &[]).await;
         assert_eq!(code, 404, "a refused route serves nothing");
         delete(&admin, "GatewayClass", "", &cls).await;
+        gw.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_in_manifests_is_accepted() {
+    let cp = shared_with_gateway_api();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        cp.kubectl(&["apply", "-f", "manifests/examples/00-namespace.yaml"])
+            .await;
+        let mem = NetnsBackend::start("memory");
+        service_on(&admin, "agents", "memory-service", 8003, &mem).await;
+        service_on(&admin, "agents", "rag-retrieval", 8002, &mem).await;
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), "agents", "gw"),
+        )
+        .await;
+        cp.kubectl(&["apply", "-f", "manifests/examples/gateway-api/"])
+            .await;
+        eventually(
+            SERVED,
+            "the example HTTPRoute is Accepted with its refs resolved",
+            || async {
+                let s = status_of::<HTTPRoute>(&admin, Some("agents"), "docs").await?;
+                let c = parent(&s, "edge")?;
+                (cond_in(&c, "Accepted")?.0 == "True" && cond_in(&c, "ResolvedRefs")?.0 == "True")
+                    .then_some(())
+            },
+        )
+        .await;
+        let http = http();
+        let url = format!("http://{}/v2/search", gw.listen);
+        assert_eq!(
+            get_host(&http, &url, "docs.example.com", &[]).await,
+            (200, "memory".into())
+        );
+        cp.kubectl(&["delete", "-f", "manifests/examples/gateway-api/"])
+            .await;
         gw.shutdown().await;
     })
     .await
