@@ -453,7 +453,8 @@ fn triples(rules: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)
 }
 
 /// What `tollgate run` needs wherever it watches (what src/sources/kubernetes calls): reflectors
-/// list and watch, status is a merge patch, Events go through events.k8s.io.
+/// list and watch, status is a merge patch, Events go through events.k8s.io. The Gateway API
+/// kinds are read when their CRDs are installed.
 fn expected_watch_rules() -> BTreeSet<(String, String, String)> {
     let read: &[&str] = &["list", "watch"];
     triples(&[
@@ -465,6 +466,17 @@ fn expected_watch_rules() -> BTreeSet<(String, String, String)> {
         ("", "services", read),
         ("discovery.k8s.io", "endpointslices", read),
         ("events.k8s.io", "events", &["create", "patch"]),
+        ("gateway.networking.k8s.io", "gatewayclasses", read),
+        ("gateway.networking.k8s.io", "gateways", read),
+        ("gateway.networking.k8s.io", "httproutes", read),
+        ("gateway.networking.k8s.io", "referencegrants", read),
+        (
+            "gateway.networking.k8s.io",
+            "gatewayclasses/status",
+            &["patch"],
+        ),
+        ("gateway.networking.k8s.io", "gateways/status", &["patch"]),
+        ("gateway.networking.k8s.io", "httproutes/status", &["patch"]),
     ])
 }
 

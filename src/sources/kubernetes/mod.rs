@@ -245,6 +245,16 @@ pub async fn gateway_api_installed(client: &Client) -> bool {
             );
             false
         }
+        // Expected with only namespaced Roles (--watch-namespace): GatewayClasses are
+        // cluster-scoped, and the API server checks RBAC before it looks for the kind.
+        Ok(Err(kube::Error::Api(s))) if s.code == 403 => {
+            tracing::info!(
+                "not allowed to list GatewayClasses (a cluster-scoped kind; grant list/watch of \
+                 gateway.networking.k8s.io gatewayclasses cluster-wide to serve Gateways): \
+                 Gateways and HTTPRoutes are not watched"
+            );
+            false
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e,
                 "cannot list GatewayClasses: Gateways and HTTPRoutes are not watched");
