@@ -544,3 +544,98 @@ async fn the_example_in_manifests_is_accepted() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_listeners_serve_certificates_from_secrets_and_a_missing_one_is_reported() {
+    let cp = shared_with_gateway_api();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "gwtls").await;
+        let cls = format!("tollgate-{ns}");
+        let a = NetnsBackend::start("secure");
+        service_for(&admin, &ns, "svc-a", &a).await;
+        let mut serve = serve_options();
+        serve.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        let gw = gateway(&serve, &kube_options(&cp.admin_kubeconfig(), &ns, "gw")).await;
+        let host = "tls.example.com";
+        let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+        let (crt, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+        apply(
+            &admin,
+            secret(
+                &ns,
+                "site-tls",
+                "kubernetes.io/tls",
+                json!({"tls.crt": crt, "tls.key": key}),
+            ),
+        )
+        .await;
+        apply(&admin, class(&cls)).await;
+        apply(
+            &admin,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "edge", "namespace": ns},
+                   "spec": {"gatewayClassName": cls, "listeners": [
+                       {"name": "https", "port": 443, "protocol": "HTTPS", "hostname": host,
+                        "tls": {"certificateRefs": [{"name": "site-tls"}]}},
+                       {"name": "broken", "port": 8443, "protocol": "HTTPS",
+                        "hostname": "broken.example.com",
+                        "tls": {"certificateRefs": [{"name": "no-such-secret"}]}}]}}),
+        )
+        .await;
+        apply(
+            &admin,
+            http_route(
+                &ns,
+                "site",
+                json!({"parentRefs": [{"name": "edge", "sectionName": "https"}],
+                "rules": [{"backendRefs": [{"name": "svc-a", "port": 80}]}]}),
+            ),
+        )
+        .await;
+        let tls_addr = gw.tls_listen.expect("TLS listener");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(crt.as_bytes()).unwrap())
+            .resolve(host, tls_addr)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let url = format!("https://{host}:{}/", tls_addr.port());
+        eventually(
+            SERVED,
+            "served over TLS with the listener's certificate",
+            || async { (get(&client, &url, None).await == (200, "secure".into())).then_some(()) },
+        )
+        .await;
+        let status = eventually(
+            SERVED,
+            "the broken listener reports its certificate",
+            || async {
+                let s = status_of::<Gateway>(&admin, Some(&ns), "edge").await?;
+                let l = s["listeners"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| l["name"] == "broken")?
+                    .clone();
+                (cond_in(&l["conditions"], "ResolvedRefs")?.1 == "InvalidCertificateRef")
+                    .then_some(s)
+            },
+        )
+        .await;
+        let ok = status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "https")
+            .unwrap()
+            .clone();
+        assert_eq!(cond_in(&ok["conditions"], "Programmed").unwrap().0, "True");
+        assert_eq!(ok["attachedRoutes"], 1);
+        delete(&admin, "GatewayClass", "", &cls).await;
+        gw.shutdown().await;
+    })
+    .await
+}
