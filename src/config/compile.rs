@@ -131,91 +131,19 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
     // Keys first (routes do not depend on them, but reports read better in this order).
     let keys = compile_keys(store, opts, &mut problems, &mut reports, &mut strings);
 
-    // The conditions of every accepted route whose references resolve: one shared list.
-    let accepted_ok: Arc<[Condition]> = Arc::new([
-        Condition::new("Accepted", true, "Accepted", ""),
-        Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
-    ]);
     let mut certs = CertStore::default();
     // The table's entries by prefix, in acceptance order until RouteTable sorts them; also what
     // conflict detection reads (no copies of prefixes or hosts to look them up).
     let mut by_prefix: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
     let mut routes = Vec::with_capacity(store.routes.len());
-
-    for (order, route) in oldest_first(&store.routes).into_iter().enumerate() {
-        let class = route
-            .spec
-            .gateway_class
-            .as_deref()
-            .unwrap_or(DEFAULT_GATEWAY_CLASS);
-        if class != opts.gateway_class {
-            continue;
-        }
-        let key = object_key(route, &mut strings);
-        let generation = route.metadata.generation;
-        let compiled = match compile_route(route, &key, opts, &mut strings) {
-            Ok(c) => c,
-            Err(found) => {
-                for p in &found {
-                    problems.route(&key, p);
-                }
-                reports.push(route_report(
-                    key,
-                    generation,
-                    not_accepted(&found),
-                    Vec::new(),
-                ));
-                continue;
-            }
-        };
-
-        if let Some(winner) = conflicting(&by_prefix, &compiled) {
-            let p = RouteProblem::Conflicted {
-                prefix: compiled.prefix.clone(),
-                winner,
-            };
-            problems.route(&key, &p);
-            let conditions = Arc::new([
-                Condition::new("Accepted", false, "Conflicted", p.to_string()),
-                Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
-            ]);
-            reports.push(route_report(key, generation, conditions, Vec::new()));
-            continue;
-        }
-
-        // The last unresolved reference is the one the condition names.
-        let unresolved = resolve_refs(store, &compiled, &mut certs);
-        for p in &unresolved {
-            problems.route(&key, p);
-        }
-        let conditions = match unresolved.last() {
-            None => accepted_ok.clone(),
-            Some(p) => Arc::new([
-                Condition::new("Accepted", true, "Accepted", ""),
-                Condition::new("ResolvedRefs", false, p.reason().as_str(), p.to_string()),
-            ]),
-        };
-
-        let compiled = Arc::new(compiled);
-        let slot = match by_prefix.get_mut(compiled.prefix.as_str()) {
-            Some(slot) => slot,
-            None => by_prefix
-                .entry(compiled.prefix.as_str().into())
-                .or_insert_with(|| Vec::with_capacity(compiled.hosts.len())),
-        };
-        for host in &compiled.hosts {
-            slot.push(Entry {
-                host: host.clone(),
-                route: compiled.clone(),
-                specificity: host.specificity(),
-                order: order as u64,
-            });
-        }
-        let backend_names: Vec<String> =
-            compiled.backends.iter().map(|b| b.id.to_string()).collect();
-        reports.push(route_report(key, generation, conditions, backend_names));
-        routes.push(compiled);
-    }
+    let mut out = RouteOutputs {
+        problems: &mut problems,
+        reports: &mut reports,
+        by_prefix: &mut by_prefix,
+        routes: &mut routes,
+        certs: &mut certs,
+    };
+    compile_agent_routes(store, opts, &mut strings, &mut out);
     let gateway_api = super::gateway::compile_gateway_api(
         store,
         opts,
@@ -241,6 +169,107 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         endpoints: HashMap::new(),
         mcp_session_keys,
         keepalive: Vec::new(),
+    }
+}
+
+/// What compiling routes adds to: problems, reports, the table's entries and the certificates.
+struct RouteOutputs<'a, 'p> {
+    problems: &'a mut Problems<'p>,
+    reports: &'a mut Vec<ObjectReport>,
+    by_prefix: &'a mut HashMap<Box<str>, Vec<Entry>>,
+    routes: &'a mut Vec<Arc<CompiledRoute>>,
+    certs: &'a mut CertStore,
+}
+
+/// The AgentRoutes of our class, oldest first: compiled, checked for conflicts, their
+/// references resolved, and entered in the table.
+fn compile_agent_routes<'a>(
+    store: &'a Store,
+    opts: &CompileOptions,
+    strings: &mut Interner<'a>,
+    out: &mut RouteOutputs<'_, '_>,
+) {
+    // The conditions of every accepted route whose references resolve: one shared list.
+    let accepted_ok: Arc<[Condition]> = Arc::new([
+        Condition::new("Accepted", true, "Accepted", ""),
+        Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+    ]);
+    for (order, route) in oldest_first(&store.routes).into_iter().enumerate() {
+        let class = route
+            .spec
+            .gateway_class
+            .as_deref()
+            .unwrap_or(DEFAULT_GATEWAY_CLASS);
+        if class != opts.gateway_class {
+            continue;
+        }
+        let key = object_key(route, strings);
+        let generation = route.metadata.generation;
+        let compiled = match compile_route(route, &key, opts, strings) {
+            Ok(c) => c,
+            Err(found) => {
+                for p in &found {
+                    out.problems.route(&key, p);
+                }
+                out.reports.push(route_report(
+                    key,
+                    generation,
+                    not_accepted(&found),
+                    Vec::new(),
+                ));
+                continue;
+            }
+        };
+
+        if let Some(winner) = conflicting(out.by_prefix, &compiled) {
+            let p = RouteProblem::Conflicted {
+                prefix: compiled.prefix.clone(),
+                winner,
+            };
+            out.problems.route(&key, &p);
+            let conditions = Arc::new([
+                Condition::new("Accepted", false, "Conflicted", p.to_string()),
+                Condition::new("ResolvedRefs", true, "ResolvedRefs", ""),
+            ]);
+            out.reports
+                .push(route_report(key, generation, conditions, Vec::new()));
+            continue;
+        }
+
+        // The last unresolved reference is the one the condition names.
+        let unresolved = resolve_refs(store, &compiled, out.certs);
+        for p in &unresolved {
+            out.problems.route(&key, p);
+        }
+        let conditions = match unresolved.last() {
+            None => accepted_ok.clone(),
+            Some(p) => Arc::new([
+                Condition::new("Accepted", true, "Accepted", ""),
+                Condition::new("ResolvedRefs", false, p.reason().as_str(), p.to_string()),
+            ]),
+        };
+
+        let compiled = Arc::new(compiled);
+        let slot = match out.by_prefix.get_mut(compiled.prefix.as_str()) {
+            Some(slot) => slot,
+            None => out
+                .by_prefix
+                .entry(compiled.prefix.as_str().into())
+                .or_insert_with(|| Vec::with_capacity(compiled.hosts.len())),
+        };
+        for host in &compiled.hosts {
+            slot.push(Entry {
+                host: host.clone(),
+                route: compiled.clone(),
+                specificity: host.specificity(),
+                order: order as u64,
+            });
+        }
+        let backend_names: Vec<String> =
+            compiled.backends.iter().map(|b| b.id.to_string()).collect();
+        out.reports
+            .push(route_report(key, generation, conditions, backend_names));
+        out.routes.push(compiled);
     }
 }
 

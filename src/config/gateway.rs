@@ -191,6 +191,47 @@ pub(super) fn compile_gateway_api(
     if !inputs.installed {
         return report;
     }
+    let ours = our_classes(inputs, &mut report);
+    let gateways: Vec<&Gateway> = oldest_first(&inputs.gateways)
+        .into_iter()
+        .filter(|g| ours.contains(&g.spec.gateway_class_name))
+        .collect();
+    let (mut listeners, mut listener_conditions) = gateway_listeners(store, &gateways, certs);
+
+    let mut order = first_order;
+    for route in oldest_first(&inputs.http_routes) {
+        let Some(attachment) = attach_route(route, &gateways, &mut listeners) else {
+            continue;
+        };
+        let Attachment {
+            mut parents,
+            hostnames,
+            attached_any,
+        } = attachment;
+        let (compiled, refs, unsupported) = compile_http_route(store, opts, route, &hostnames);
+        for parent in &mut parents {
+            let accepted_ok = parent.conditions[0].status == crate::api::ConditionStatus::True;
+            if let (true, Some(msg)) = (accepted_ok, &unsupported) {
+                parent.conditions[0] = cond("Accepted", false, "UnsupportedValue", msg.clone());
+            }
+            parent.conditions.push(refs.clone());
+        }
+        if attached_any && unsupported.is_none() {
+            enter_routes(compiled, order, by_prefix, routes);
+        }
+        order += 1;
+        report.http_routes.push(HttpRouteReport {
+            object: ObjectKey::new(ns_of(route), name_of(route)),
+            generation: route.metadata.generation,
+            parents,
+        });
+    }
+    gateway_reports(&gateways, &listeners, &mut listener_conditions, &mut report);
+    report
+}
+
+/// The names of the GatewayClasses of our controller, each reported `Accepted`.
+fn our_classes(inputs: &GatewayInputs, report: &mut GatewayApiReport) -> BTreeSet<String> {
     let mut ours = BTreeSet::new();
     for c in &inputs.classes {
         if c.spec.controller_name == GATEWAY_CONTROLLER {
@@ -202,15 +243,18 @@ pub(super) fn compile_gateway_api(
             });
         }
     }
+    ours
+}
 
-    // Listeners of our Gateways, with their own verdicts.
-    let mut listeners: Vec<ListenerView<'_>> = Vec::new();
-    let mut listener_conditions: Vec<Vec<Condition>> = Vec::new();
-    let gateways: Vec<&Gateway> = oldest_first(&inputs.gateways)
-        .into_iter()
-        .filter(|g| ours.contains(&g.spec.gateway_class_name))
-        .collect();
-    for g in &gateways {
+/// The listeners of our Gateways, in order, with their own verdicts (empty: all good).
+fn gateway_listeners<'a>(
+    store: &Store,
+    gateways: &[&'a Gateway],
+    certs: &mut CertStore,
+) -> (Vec<ListenerView<'a>>, Vec<Vec<Condition>>) {
+    let mut listeners = Vec::new();
+    let mut listener_conditions = Vec::new();
+    for g in gateways {
         let gns = ns_of(*g);
         for l in &g.spec.listeners {
             let (conditions, ready) = match l.protocol.as_str() {
@@ -239,124 +283,148 @@ pub(super) fn compile_gateway_api(
             listener_conditions.push(conditions);
         }
     }
+    (listeners, listener_conditions)
+}
 
-    let mut order = first_order;
-    for route in oldest_first(&inputs.http_routes) {
-        let rns = ns_of(route);
-        let mut parents = Vec::new();
-        let mut hostnames: Vec<String> = Vec::new();
-        let mut attached_any = false;
-        for p in &route.spec.parent_refs {
-            let group = p.group.as_deref().unwrap_or(GATEWAY_GROUP);
-            let kind = p.kind.as_deref().unwrap_or("Gateway");
-            if group != GATEWAY_GROUP || kind != "Gateway" {
-                continue;
-            }
-            let pns = p.namespace.as_deref().unwrap_or(rns);
-            let Some(gw) = gateways
-                .iter()
-                .find(|g| ns_of(**g) == pns && name_of(**g) == p.name)
-            else {
-                // Not one of ours (or not there): another controller's to report, if any.
-                continue;
-            };
-            let mut selected: Vec<usize> = listeners
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| std::ptr::eq(v.gateway, *gw))
-                .filter(|(_, v)| {
-                    p.section_name
-                        .as_deref()
-                        .is_none_or(|s| s == v.listener.name)
-                })
-                .filter(|(_, v)| p.port.is_none_or(|port| port == v.listener.port))
-                .map(|(i, _)| i)
-                .collect();
-            let accepted = if selected.is_empty() {
-                cond(
-                    "Accepted",
-                    false,
-                    "NoMatchingParent",
-                    "no listener matches the sectionName and port",
-                )
-            } else {
-                selected.retain(|&i| listeners[i].ready);
-                selected.retain(|&i| allows(listeners[i].listener, ns_of(*gw), rns));
-                if selected.is_empty() {
-                    cond(
-                        "Accepted",
-                        false,
-                        "NotAllowedByListeners",
-                        "no listener admits this route",
-                    )
-                } else {
-                    let mut matched = false;
-                    for &i in &selected {
-                        let l = listeners[i].listener;
-                        if let Some(h) = intersect(l.hostname.as_deref(), &route.spec.hostnames) {
-                            matched = true;
-                            listeners[i].attached += 1;
-                            if h.is_empty() {
-                                hostnames.push(String::new());
-                            }
-                            hostnames.extend(h);
-                        }
-                    }
-                    if matched {
-                        attached_any = true;
-                        cond("Accepted", true, "Accepted", "")
-                    } else {
-                        cond(
-                            "Accepted",
-                            false,
-                            "NoMatchingListenerHostname",
-                            "no hostname of the route intersects a listener's",
-                        )
-                    }
-                }
-            };
-            parents.push(ParentReport {
-                parent_ref: p.clone(),
-                conditions: vec![accepted],
-            });
-        }
-        if parents.is_empty() {
+/// How an HTTPRoute attaches to our Gateways.
+struct Attachment {
+    /// One entry per parentRef naming a Gateway of ours, with its `Accepted`.
+    parents: Vec<ParentReport>,
+    /// The hostnames it serves (an empty string: any).
+    hostnames: Vec<String>,
+    attached_any: bool,
+}
+
+/// Attaches a route through its parentRefs (counting it on the listeners it lands on).
+/// `None`: no parentRef names a Gateway of ours.
+fn attach_route(
+    route: &HTTPRoute,
+    gateways: &[&Gateway],
+    listeners: &mut [ListenerView<'_>],
+) -> Option<Attachment> {
+    let rns = ns_of(route);
+    let mut out = Attachment {
+        parents: Vec::new(),
+        hostnames: Vec::new(),
+        attached_any: false,
+    };
+    for p in &route.spec.parent_refs {
+        let group = p.group.as_deref().unwrap_or(GATEWAY_GROUP);
+        let kind = p.kind.as_deref().unwrap_or("Gateway");
+        if group != GATEWAY_GROUP || kind != "Gateway" {
             continue;
         }
-        let key = ObjectKey::new(rns, name_of(route));
-        let (compiled, refs, unsupported) = compile_http_route(store, opts, route, &hostnames);
-        for parent in &mut parents {
-            let accepted_ok = parent.conditions[0].status == crate::api::ConditionStatus::True;
-            if let (true, Some(msg)) = (accepted_ok, &unsupported) {
-                parent.conditions[0] = cond("Accepted", false, "UnsupportedValue", msg.clone());
-            }
-            parent.conditions.push(refs.clone());
-        }
-        if attached_any && unsupported.is_none() {
-            for c in compiled {
-                let c = Arc::new(c);
-                let slot = by_prefix.entry(c.prefix.as_str().into()).or_default();
-                for host in &c.hosts {
-                    slot.push(Entry {
-                        host: host.clone(),
-                        route: c.clone(),
-                        specificity: host.specificity(),
-                        order,
-                    });
-                }
-                routes.push(c);
-            }
-        }
-        order += 1;
-        report.http_routes.push(HttpRouteReport {
-            object: key,
-            generation: route.metadata.generation,
-            parents,
+        let pns = p.namespace.as_deref().unwrap_or(rns);
+        let Some(gw) = gateways
+            .iter()
+            .find(|g| ns_of(**g) == pns && name_of(**g) == p.name)
+        else {
+            // Not one of ours (or not there): another controller's to report, if any.
+            continue;
+        };
+        let accepted = attach_parent(route, p, gw, listeners, &mut out);
+        out.parents.push(ParentReport {
+            parent_ref: p.clone(),
+            conditions: vec![accepted],
         });
     }
+    (!out.parents.is_empty()).then_some(out)
+}
 
+/// The `Accepted` condition of one parentRef to our Gateway `gw`.
+fn attach_parent(
+    route: &HTTPRoute,
+    p: &ParentRef,
+    gw: &Gateway,
+    listeners: &mut [ListenerView<'_>],
+    out: &mut Attachment,
+) -> Condition {
+    let mut selected: Vec<usize> = listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| std::ptr::eq(v.gateway, gw))
+        .filter(|(_, v)| {
+            p.section_name
+                .as_deref()
+                .is_none_or(|s| s == v.listener.name)
+        })
+        .filter(|(_, v)| p.port.is_none_or(|port| port == v.listener.port))
+        .map(|(i, _)| i)
+        .collect();
+    if selected.is_empty() {
+        return cond(
+            "Accepted",
+            false,
+            "NoMatchingParent",
+            "no listener matches the sectionName and port",
+        );
+    }
+    selected.retain(|&i| listeners[i].ready);
+    selected.retain(|&i| allows(listeners[i].listener, ns_of(gw), ns_of(route)));
+    if selected.is_empty() {
+        return cond(
+            "Accepted",
+            false,
+            "NotAllowedByListeners",
+            "no listener admits this route",
+        );
+    }
+    let mut matched = false;
+    for &i in &selected {
+        let l = listeners[i].listener;
+        if let Some(h) = intersect(l.hostname.as_deref(), &route.spec.hostnames) {
+            matched = true;
+            listeners[i].attached += 1;
+            if h.is_empty() {
+                out.hostnames.push(String::new());
+            }
+            out.hostnames.extend(h);
+        }
+    }
+    if matched {
+        out.attached_any = true;
+        cond("Accepted", true, "Accepted", "")
+    } else {
+        cond(
+            "Accepted",
+            false,
+            "NoMatchingListenerHostname",
+            "no hostname of the route intersects a listener's",
+        )
+    }
+}
+
+/// Enters compiled routes in the table at acceptance position `order`.
+pub(super) fn enter_routes(
+    compiled: Vec<CompiledRoute>,
+    order: u64,
+    by_prefix: &mut HashMap<Box<str>, Vec<Entry>>,
+    routes: &mut Vec<Arc<CompiledRoute>>,
+) {
+    for c in compiled {
+        let c = Arc::new(c);
+        let slot = by_prefix.entry(c.prefix.as_str().into()).or_default();
+        for host in &c.hosts {
+            slot.push(Entry {
+                host: host.clone(),
+                route: c.clone(),
+                specificity: host.specificity(),
+                order,
+            });
+        }
+        routes.push(c);
+    }
+}
+
+/// Each Gateway's report: its conditions and its listeners' (attached counts included).
+fn gateway_reports(
+    gateways: &[&Gateway],
+    listeners: &[ListenerView<'_>],
+    listener_conditions: &mut [Vec<Condition>],
+    report: &mut GatewayApiReport,
+) {
     let mut li = 0;
-    for g in &gateways {
+    for g in gateways {
         let mut lreports = Vec::new();
         for l in &g.spec.listeners {
             let view = &listeners[li];
@@ -390,7 +458,6 @@ pub(super) fn compile_gateway_api(
             listeners: lreports,
         });
     }
-    report
 }
 
 /// An HTTPS listener's certificates: each `certificateRefs` Secret (another namespace's only
@@ -497,8 +564,48 @@ fn compile_http_route(
     route: &HTTPRoute,
     hostnames: &[String],
 ) -> (Vec<CompiledRoute>, Condition, Option<String>) {
-    let rns: Arc<str> = Arc::from(ns_of(route));
-    let name = name_of(route);
+    let hosts = route_hosts(hostnames);
+    let mut refs = cond("ResolvedRefs", true, "ResolvedRefs", "");
+    let mut unsupported: Option<String> = None;
+    let mut out = Vec::new();
+    let default_match = [HTTPRouteMatch::default()];
+    for (ri, rule) in route.spec.rules.iter().enumerate() {
+        let (filters, rewrite) = match compile_filters(&rule.filters, ri) {
+            Ok(f) => f,
+            Err(msg) => {
+                unsupported.get_or_insert(msg);
+                (None, None)
+            }
+        };
+        let timeouts = rule_timeouts(rule, ri, &mut unsupported);
+        let backends = rule_backends(store, opts, route, ri, rule, &mut refs);
+        let shared = RuleParts {
+            hosts: &hosts,
+            timeouts,
+            rewrite,
+            filters,
+            backends,
+        };
+        let matches = if rule.matches.is_empty() {
+            &default_match[..]
+        } else {
+            &rule.matches[..]
+        };
+        for (mi, m) in matches.iter().enumerate() {
+            let at = format!("rules[{ri}].matches[{mi}]");
+            match compile_rule_match(route, ri, m, &at, &shared) {
+                Ok(c) => out.push(c),
+                Err(msg) => {
+                    unsupported.get_or_insert(msg);
+                }
+            }
+        }
+    }
+    (out, refs, unsupported)
+}
+
+/// The host patterns of a route's hostnames, sorted and without duplicates (any: just `Any`).
+fn route_hosts(hostnames: &[String]) -> Vec<HostPattern> {
     let mut hosts: Vec<HostPattern> = hostnames
         .iter()
         .map(|h| {
@@ -514,155 +621,161 @@ fn compile_http_route(
     }
     hosts.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
     hosts.dedup();
-    let mut refs = cond("ResolvedRefs", true, "ResolvedRefs", "");
-    let mut unsupported: Option<String> = None;
-    let mut out = Vec::new();
-    let default_match = [HTTPRouteMatch::default()];
-    for (ri, rule) in route.spec.rules.iter().enumerate() {
-        let (filters, rewrite) = match compile_filters(&rule.filters, ri) {
-            Ok(f) => f,
-            Err(msg) => {
-                unsupported.get_or_insert(msg);
-                (None, None)
-            }
-        };
-        let mut timeouts = CompiledTimeouts::default();
-        if let Some(t) = &rule.timeouts {
-            if t.backend_request.is_some() {
-                unsupported
-                    .get_or_insert(format!("rules[{ri}].timeouts.backendRequest is not served"));
-            }
-            if let Some(r) = &t.request {
-                match parse_duration(r) {
-                    // "0s" turns the timeout off, as the spec says.
-                    Ok(d) if d.is_zero() => {}
-                    Ok(d) => timeouts.request = Some(d),
-                    Err(e) => {
-                        unsupported.get_or_insert(format!("rules[{ri}].timeouts.request: {e}"));
-                    }
-                }
-            }
+    hosts
+}
+
+/// A rule's `timeouts` (`request`; `0s` is none). `backendRequest` is not served.
+fn rule_timeouts(
+    rule: &HTTPRouteRule,
+    ri: usize,
+    unsupported: &mut Option<String>,
+) -> CompiledTimeouts {
+    let mut timeouts = CompiledTimeouts::default();
+    if let Some(t) = &rule.timeouts {
+        if t.backend_request.is_some() {
+            unsupported.get_or_insert(format!("rules[{ri}].timeouts.backendRequest is not served"));
         }
-        let backends = rule_backends(store, opts, route, ri, rule, &mut refs);
-        let matches = if rule.matches.is_empty() {
-            &default_match[..]
-        } else {
-            &rule.matches[..]
-        };
-        for (mi, m) in matches.iter().enumerate() {
-            let at = format!("rules[{ri}].matches[{mi}]");
-            let (kind, value) = match &m.path {
-                None => ("PathPrefix", "/"),
-                Some(p) => (
-                    p.type_.as_deref().unwrap_or("PathPrefix"),
-                    p.value.as_deref().unwrap_or("/"),
-                ),
-            };
-            let exact = match kind {
-                "PathPrefix" => false,
-                "Exact" => true,
-                other => {
-                    unsupported.get_or_insert(format!("{at}.path.type {other} is not served"));
-                    continue;
-                }
-            };
-            let Ok(prefix) = normalize_prefix(value) else {
-                unsupported
-                    .get_or_insert(format!("{at}.path.value {value:?} is not a normal path"));
-                continue;
-            };
-            let mut headers = Vec::new();
-            for h in &m.headers {
-                if h.type_.as_deref().is_some_and(|t| t != "Exact") {
-                    unsupported.get_or_insert(format!("{at}.headers: only Exact is served"));
-                    continue;
-                }
-                match (
-                    HeaderName::from_bytes(h.name.as_bytes()),
-                    HeaderValue::from_str(&h.value),
-                ) {
-                    (Ok(n), Ok(v)) => headers.push((n, v)),
-                    _ => {
-                        unsupported.get_or_insert(format!("{at}.headers: {} is invalid", h.name));
-                    }
+        if let Some(r) = &t.request {
+            match parse_duration(r) {
+                // "0s" turns the timeout off, as the spec says.
+                Ok(d) if d.is_zero() => {}
+                Ok(d) => timeouts.request = Some(d),
+                Err(e) => {
+                    unsupported.get_or_insert(format!("rules[{ri}].timeouts.request: {e}"));
                 }
             }
-            headers.sort_by(|a, b| {
-                a.0.as_str()
-                    .cmp(b.0.as_str())
-                    .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-            });
-            let mut query: Vec<(Box<str>, Box<str>)> = Vec::new();
-            for q in &m.query_params {
-                if q.type_.as_deref().is_some_and(|t| t != "Exact") {
-                    unsupported.get_or_insert(format!("{at}.queryParams: only Exact is served"));
-                    continue;
-                }
-                query.push((q.name.as_str().into(), q.value.as_str().into()));
-            }
-            query.sort();
-            let methods = match &m.method {
-                Some(x) => MethodSet {
-                    methods: vec![x.clone()],
-                    allow: HeaderValue::from_str(x).ok(),
-                },
-                None => MethodSet::default(),
-            };
-            let conditions = precedence(exact, m.method.is_some(), headers.len(), query.len());
-            let id = format!("httproute/{rns}/{name}/{ri}");
-            out.push(CompiledRoute {
-                id: Arc::from(id.as_str()),
-                namespace: rns.clone(),
-                name: name.to_string(),
-                hosts: hosts.clone(),
-                exact: exact.then(|| {
-                    // The normalised request path keeps a trailing slash: so does the match.
-                    Box::from(if value.len() > 1 && value.ends_with('/') {
-                        format!("{prefix}/")
-                    } else {
-                        prefix.clone()
-                    })
-                }),
-                prefix,
-                query,
-                methods,
-                headers,
-                body_field: None,
-                protocol: Protocol::Http,
-                timeouts: timeouts.clone(),
-                retry: CompiledRetry::none(),
-                // Plain routing stays plain: an HTTPRoute needs no key.
-                auth: CompiledAuth {
-                    required: false,
-                    roles: Vec::new(),
-                    allow_namespaces: Vec::new(),
-                    any_namespace: false,
-                },
-                rate_limit: None,
-                rewrite: rewrite.clone(),
-                filters: filters.clone(),
-                weighted: crate::balance::weighted::WeightedBackends::with_identities(
-                    backends.iter().enumerate().map(|(index, b)| {
-                        crate::balance::weighted::BackendWeight {
-                            index,
-                            weight: b.weight,
-                            canary: false,
-                            identity: b.id.to_string(),
-                        }
-                    }),
-                ),
-                backends: backends.clone(),
-                cors: None,
-                tls_secret: None,
-                canary_header: None,
-                sticky: Sticky::None,
-                load_balancer: LoadBalancer::default(),
-                mcp_tools: None,
-                conditions,
-            });
         }
     }
-    (out, refs, unsupported)
+    timeouts
+}
+
+/// What every match of one rule shares.
+struct RuleParts<'a> {
+    hosts: &'a [HostPattern],
+    timeouts: CompiledTimeouts,
+    rewrite: Option<String>,
+    filters: Option<Box<RouteFilters>>,
+    backends: Vec<CompiledBackend>,
+}
+
+/// One match of a rule as a compiled route. `Err`: what it asks for that is not served.
+fn compile_rule_match(
+    route: &HTTPRoute,
+    ri: usize,
+    m: &HTTPRouteMatch,
+    at: &str,
+    rule: &RuleParts<'_>,
+) -> Result<CompiledRoute, String> {
+    let (kind, value) = match &m.path {
+        None => ("PathPrefix", "/"),
+        Some(p) => (
+            p.type_.as_deref().unwrap_or("PathPrefix"),
+            p.value.as_deref().unwrap_or("/"),
+        ),
+    };
+    let exact = match kind {
+        "PathPrefix" => false,
+        "Exact" => true,
+        other => return Err(format!("{at}.path.type {other} is not served")),
+    };
+    let Ok(prefix) = normalize_prefix(value) else {
+        return Err(format!("{at}.path.value {value:?} is not a normal path"));
+    };
+    let headers = match_headers(m, at)?;
+    let mut query: Vec<(Box<str>, Box<str>)> = Vec::new();
+    for q in &m.query_params {
+        if q.type_.as_deref().is_some_and(|t| t != "Exact") {
+            return Err(format!("{at}.queryParams: only Exact is served"));
+        }
+        query.push((q.name.as_str().into(), q.value.as_str().into()));
+    }
+    query.sort();
+    let methods = match &m.method {
+        Some(x) => MethodSet {
+            methods: vec![x.clone()],
+            allow: HeaderValue::from_str(x).ok(),
+        },
+        None => MethodSet::default(),
+    };
+    let conditions = precedence(exact, m.method.is_some(), headers.len(), query.len());
+    let rns = ns_of(route);
+    let name = name_of(route);
+    let id = format!("httproute/{rns}/{name}/{ri}");
+    let backends = &rule.backends;
+    Ok(CompiledRoute {
+        id: Arc::from(id.as_str()),
+        namespace: Arc::from(rns),
+        name: name.to_string(),
+        hosts: rule.hosts.to_vec(),
+        exact: exact.then(|| {
+            // The normalised request path keeps a trailing slash: so does the match.
+            Box::from(if value.len() > 1 && value.ends_with('/') {
+                format!("{prefix}/")
+            } else {
+                prefix.clone()
+            })
+        }),
+        prefix,
+        query,
+        methods,
+        headers,
+        body_field: None,
+        protocol: Protocol::Http,
+        timeouts: rule.timeouts.clone(),
+        retry: CompiledRetry::none(),
+        // Plain routing stays plain: an HTTPRoute needs no key.
+        auth: CompiledAuth {
+            required: false,
+            roles: Vec::new(),
+            allow_namespaces: Vec::new(),
+            any_namespace: false,
+        },
+        rate_limit: None,
+        rewrite: rule.rewrite.clone(),
+        filters: rule.filters.clone(),
+        weighted: crate::balance::weighted::WeightedBackends::with_identities(
+            backends
+                .iter()
+                .enumerate()
+                .map(|(index, b)| crate::balance::weighted::BackendWeight {
+                    index,
+                    weight: b.weight,
+                    canary: false,
+                    identity: b.id.to_string(),
+                }),
+        ),
+        backends: backends.clone(),
+        cors: None,
+        tls_secret: None,
+        canary_header: None,
+        sticky: Sticky::None,
+        load_balancer: LoadBalancer::default(),
+        mcp_tools: None,
+        conditions,
+    })
+}
+
+/// A match's header matches (Exact only), sorted.
+fn match_headers(m: &HTTPRouteMatch, at: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        if h.type_.as_deref().is_some_and(|t| t != "Exact") {
+            return Err(format!("{at}.headers: only Exact is served"));
+        }
+        match (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => return Err(format!("{at}.headers: {} is invalid", h.name)),
+        }
+    }
+    headers.sort_by(|a, b| {
+        a.0.as_str()
+            .cmp(b.0.as_str())
+            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
+    });
+    Ok(headers)
 }
 
 fn header_edits(m: &HeaderModifier, at: &str) -> Result<HeaderEdits, String> {

@@ -403,6 +403,19 @@ fn plan_gateway_api(
     now: &str,
     jobs: &mut Vec<Job>,
 ) {
+    plan_classes(reflectors, report, written, now, jobs);
+    plan_gateways(reflectors, report, written, addresses, now, jobs);
+    plan_http_routes(reflectors, report, written, now, jobs);
+}
+
+/// GatewayClass `conditions`.
+fn plan_classes(
+    reflectors: &Reflectors,
+    report: &GatewayApiReport,
+    written: &Written,
+    now: &str,
+    jobs: &mut Vec<Job>,
+) {
     for c in &report.classes {
         let r = ObjectRef::<GatewayClass>::new(&c.name);
         let Some(obj) = reflectors.classes.iter().find_map(|s| s.get(&r)) else {
@@ -424,6 +437,17 @@ fn plan_gateway_api(
             json!({ "conditions": conditions }),
         );
     }
+}
+
+/// Gateway `addresses`, `conditions` and `listeners`.
+fn plan_gateways(
+    reflectors: &Reflectors,
+    report: &GatewayApiReport,
+    written: &Written,
+    addresses: &[String],
+    now: &str,
+    jobs: &mut Vec<Job>,
+) {
     for g in &report.gateways {
         let r = ObjectRef::<Gateway>::new(&g.object.name).within(&g.object.namespace);
         let Some(obj) = reflectors.gateways.iter().find_map(|s| s.get(&r)) else {
@@ -472,6 +496,16 @@ fn plan_gateway_api(
             desired,
         );
     }
+}
+
+/// HTTPRoute `parents` of our controller (other controllers' entries kept).
+fn plan_http_routes(
+    reflectors: &Reflectors,
+    report: &GatewayApiReport,
+    written: &Written,
+    now: &str,
+    jobs: &mut Vec<Job>,
+) {
     for h in &report.http_routes {
         let r = ObjectRef::<HTTPRoute>::new(&h.object.name).within(&h.object.namespace);
         let Some(obj) = reflectors.http_routes.iter().find_map(|s| s.get(&r)) else {

@@ -75,6 +75,7 @@ impl Backoff for WatchBackoff {
 }
 
 /// Read handles of every reflector store.
+#[derive(Clone)]
 pub struct Reflectors {
     pub routes: Vec<Reader<AgentRoute>>,
     pub keys: Vec<Reader<AgentApiKey>>,
@@ -598,6 +599,241 @@ fn config_change<K: Resource>(
     }
 }
 
+/// The write halves of the reflector stores, by watched scope (`None`: all namespaces).
+type Writers<K> = Vec<(Option<String>, reflector::store::Writer<K>)>;
+
+/// Every store's writer, made together with the readers of [`Reflectors`].
+#[derive(Default)]
+struct AllWriters {
+    routes: Writers<AgentRoute>,
+    keys: Writers<AgentApiKey>,
+    secrets: Vec<(
+        Option<String>,
+        &'static str,
+        reflector::store::Writer<Secret>,
+    )>,
+    services: Writers<Service>,
+    slices: Writers<EndpointSlice>,
+    classes: Writers<GatewayClass>,
+    gateways: Writers<Gateway>,
+    http_routes: Writers<HTTPRoute>,
+    grants: Writers<ReferenceGrant>,
+}
+
+/// A new store for scope `ns`: its reader goes to `readers`, its writer to `writers`.
+fn new_store<K>(ns: &Option<String>, readers: &mut Vec<Reader<K>>, writers: &mut Writers<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (rd, w) = reflector::store();
+    readers.push(rd);
+    writers.push((ns.clone(), w));
+}
+
+/// The stores of every kind and scope the options ask for. Readers first: handlers read other
+/// kinds' stores (a slice event needs its Service).
+fn make_stores(opts: &KubeOptions, scopes: &[Option<String>]) -> (Reflectors, AllWriters) {
+    let mut w = AllWriters::default();
+    let mut r = Reflectors {
+        routes: Vec::new(),
+        keys: Vec::new(),
+        secrets: Vec::new(),
+        services: Vec::new(),
+        slices: Vec::new(),
+        flag_secrets: opts.mcp_session_secret.iter().cloned().collect(),
+        gateway_api: opts.gateway_api,
+        classes: Vec::new(),
+        gateways: Vec::new(),
+        http_routes: Vec::new(),
+        grants: Vec::new(),
+    };
+    if opts.gateway_api {
+        // GatewayClasses are cluster-scoped: one watch whatever the namespaces.
+        new_store(&None, &mut r.classes, &mut w.classes);
+    }
+    for ns in scopes {
+        new_store(ns, &mut r.routes, &mut w.routes);
+        new_store(ns, &mut r.keys, &mut w.keys);
+        for ty in SECRET_TYPES {
+            let (rd, wr) = reflector::store();
+            r.secrets.push(rd);
+            w.secrets.push((ns.clone(), ty, wr));
+        }
+        new_store(ns, &mut r.services, &mut w.services);
+        if opts.endpoint_slices {
+            new_store(ns, &mut r.slices, &mut w.slices);
+        }
+        if opts.gateway_api {
+            new_store(ns, &mut r.gateways, &mut w.gateways);
+            new_store(ns, &mut r.http_routes, &mut w.http_routes);
+            new_store(ns, &mut r.grants, &mut w.grants);
+        }
+    }
+    (r, w)
+}
+
+/// What every reflector task is started with.
+struct Starter<'a> {
+    client: &'a Client,
+    config: Arc<signal::Sender<u64>>,
+    retry: Retry,
+    base: watcher::Config,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn scope_name(ns: &Option<String>) -> String {
+    ns.clone().unwrap_or_else(|| "*".to_string())
+}
+
+impl Starter<'_> {
+    /// Watches a namespaced kind that compile reads whole: a spec change asks for a compile.
+    fn config_kind<K>(&mut self, kind: &'static str, writers: Writers<K>)
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        for (ns, w) in writers {
+            let on = config_change(self.config.clone());
+            self.tasks.push(drive::<K>(
+                kind,
+                scope_name(&ns),
+                w,
+                api(self.client, &ns),
+                self.base.clone(),
+                self.retry.clone(),
+                on,
+            ));
+        }
+    }
+
+    fn classes(&mut self, writers: Writers<GatewayClass>) {
+        for (_, w) in writers {
+            let on = config_change(self.config.clone());
+            self.tasks.push(drive::<GatewayClass>(
+                "GatewayClass",
+                "*".to_string(),
+                w,
+                Api::all(self.client.clone()),
+                self.base.clone(),
+                self.retry.clone(),
+                on,
+            ));
+        }
+    }
+
+    fn secrets(
+        &mut self,
+        writers: Vec<(
+            Option<String>,
+            &'static str,
+            reflector::store::Writer<Secret>,
+        )>,
+        shared: &Arc<Reflectors>,
+    ) {
+        for (ns, ty, w) in writers {
+            let config = self.config.clone();
+            let readers = shared.clone();
+            let on = move |ev: &Event<Secret>| match ev {
+                // Only a Secret some route or key names can change the configuration.
+                Event::Apply(s) | Event::Delete(s) if readers.is_referenced(&key_of(s)) => {
+                    bump(&config)
+                }
+                Event::InitDone => bump(&config),
+                _ => {}
+            };
+            self.tasks.push(drive::<Secret>(
+                "Secret",
+                format!("{} type={ty}", scope_name(&ns)),
+                w,
+                api(self.client, &ns),
+                self.base.clone().fields(&format!("type={ty}")),
+                self.retry.clone(),
+                on,
+            ));
+        }
+    }
+
+    fn services(
+        &mut self,
+        writers: Writers<Service>,
+        shared: &Arc<Reflectors>,
+        mapper: &Arc<EndpointMapper>,
+        slices_on: bool,
+    ) {
+        for (ns, w) in writers {
+            let config = self.config.clone();
+            let readers = shared.clone();
+            let mapper = mapper.clone();
+            let mut tracker = KeyTracker::default();
+            let on = move |ev: &Event<Service>| {
+                // Routes only care whether a Service exists: recompile when the set changes.
+                if tracker.on(ev) {
+                    bump(&config);
+                }
+                if !slices_on {
+                    return;
+                }
+                match ev {
+                    Event::Apply(s) | Event::Delete(s) => {
+                        let k = key_of(s);
+                        mapper.recompute(&readers, &k.namespace, &k.name);
+                    }
+                    Event::InitDone => mapper.recompute_all(&readers),
+                    _ => {}
+                }
+            };
+            self.tasks.push(drive::<Service>(
+                "Service",
+                scope_name(&ns),
+                w,
+                api(self.client, &ns),
+                self.base.clone(),
+                self.retry.clone(),
+                on,
+            ));
+        }
+    }
+
+    fn slices(
+        &mut self,
+        writers: Writers<EndpointSlice>,
+        shared: &Arc<Reflectors>,
+        mapper: &Arc<EndpointMapper>,
+    ) {
+        for (ns, w) in writers {
+            let readers = shared.clone();
+            let mapper = mapper.clone();
+            let on = move |ev: &Event<EndpointSlice>| match ev {
+                Event::Apply(s) | Event::Delete(s) => {
+                    if let (Some(ns), Some(svc)) = (
+                        s.metadata.namespace.as_deref(),
+                        s.labels().get(SERVICE_NAME_LABEL),
+                    ) {
+                        mapper.recompute(&readers, ns, svc);
+                    }
+                }
+                Event::InitDone => mapper.recompute_all(&readers),
+                _ => {}
+            };
+            self.tasks.push(drive::<EndpointSlice>(
+                "EndpointSlice",
+                scope_name(&ns),
+                w,
+                api(self.client, &ns),
+                // Only slices that belong to a Service.
+                self.base.clone().labels(SERVICE_NAME_LABEL),
+                self.retry.clone(),
+                on,
+            ));
+        }
+    }
+}
+
 /// Starts every reflector. `config` is bumped on changes that need a compile; endpoint changes
 /// go to the mapper instead.
 pub fn start(
@@ -612,243 +848,29 @@ pub fn start(
     } else {
         opts.watch_namespaces.iter().cloned().map(Some).collect()
     };
-    let scope_name = |ns: &Option<String>| ns.clone().unwrap_or_else(|| "*".to_string());
-
-    // Readers first: handlers read other kinds' stores (a slice event needs its Service).
-    let mut writers_routes = Vec::new();
-    let mut writers_keys = Vec::new();
-    let mut writers_secrets = Vec::new();
-    let mut writers_services = Vec::new();
-    let mut writers_slices = Vec::new();
-    let mut r = Reflectors {
-        routes: Vec::new(),
-        keys: Vec::new(),
-        secrets: Vec::new(),
-        services: Vec::new(),
-        slices: Vec::new(),
-        flag_secrets: opts.mcp_session_secret.iter().cloned().collect(),
-        gateway_api: opts.gateway_api,
-        classes: Vec::new(),
-        gateways: Vec::new(),
-        http_routes: Vec::new(),
-        grants: Vec::new(),
-    };
-    let mut writers_classes = Vec::new();
-    let mut writers_gateways = Vec::new();
-    let mut writers_http_routes = Vec::new();
-    let mut writers_grants = Vec::new();
-    if opts.gateway_api {
-        // GatewayClasses are cluster-scoped: one watch whatever the namespaces.
-        let (rd, w) = reflector::store();
-        r.classes.push(rd);
-        writers_classes.push((None::<String>, w));
-    }
-    for ns in &scopes {
-        let (rd, w) = reflector::store();
-        r.routes.push(rd);
-        writers_routes.push((ns.clone(), w));
-        let (rd, w) = reflector::store();
-        r.keys.push(rd);
-        writers_keys.push((ns.clone(), w));
-        for ty in SECRET_TYPES {
-            let (rd, w) = reflector::store();
-            r.secrets.push(rd);
-            writers_secrets.push((ns.clone(), ty, w));
-        }
-        let (rd, w) = reflector::store();
-        r.services.push(rd);
-        writers_services.push((ns.clone(), w));
-        if opts.endpoint_slices {
-            let (rd, w) = reflector::store();
-            r.slices.push(rd);
-            writers_slices.push((ns.clone(), w));
-        }
-        if opts.gateway_api {
-            let (rd, w) = reflector::store();
-            r.gateways.push(rd);
-            writers_gateways.push((ns.clone(), w));
-            let (rd, w) = reflector::store();
-            r.http_routes.push(rd);
-            writers_http_routes.push((ns.clone(), w));
-            let (rd, w) = reflector::store();
-            r.grants.push(rd);
-            writers_grants.push((ns.clone(), w));
-        }
-    }
+    let (r, w) = make_stores(opts, &scopes);
     // The handlers need the readers; the readers are cheap clones of shared maps.
-    let shared = Arc::new(Reflectors {
-        routes: r.routes.clone(),
-        keys: r.keys.clone(),
-        secrets: r.secrets.clone(),
-        services: r.services.clone(),
-        slices: r.slices.clone(),
-        flag_secrets: r.flag_secrets.clone(),
-        gateway_api: r.gateway_api,
-        classes: r.classes.clone(),
-        gateways: r.gateways.clone(),
-        http_routes: r.http_routes.clone(),
-        grants: r.grants.clone(),
-    });
-    let retry = Retry {
-        backoff_max: opts.watch_backoff_max,
-        health,
+    let shared = Arc::new(r.clone());
+    let mut s = Starter {
+        client,
+        config,
+        retry: Retry {
+            backoff_max: opts.watch_backoff_max,
+            health,
+        },
+        base: watcher::Config::default(),
+        tasks: Vec::new(),
     };
-    let base = watcher::Config::default();
-    let mut tasks = Vec::new();
-
-    for (ns, w) in writers_routes {
-        let on = config_change(config.clone());
-        tasks.push(drive::<AgentRoute>(
-            "AgentRoute",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (_, w) in writers_classes {
-        let on = config_change(config.clone());
-        tasks.push(drive::<GatewayClass>(
-            "GatewayClass",
-            "*".to_string(),
-            w,
-            Api::all(client.clone()),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, w) in writers_gateways {
-        let on = config_change(config.clone());
-        tasks.push(drive::<Gateway>(
-            "Gateway",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, w) in writers_http_routes {
-        let on = config_change(config.clone());
-        tasks.push(drive::<HTTPRoute>(
-            "HTTPRoute",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, w) in writers_grants {
-        let on = config_change(config.clone());
-        tasks.push(drive::<ReferenceGrant>(
-            "ReferenceGrant",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, w) in writers_keys {
-        let on = config_change(config.clone());
-        tasks.push(drive::<AgentApiKey>(
-            "AgentApiKey",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, ty, w) in writers_secrets {
-        let config = config.clone();
-        let readers = shared.clone();
-        let on = move |ev: &Event<Secret>| match ev {
-            // Only a Secret some route or key names can change the configuration.
-            Event::Apply(s) | Event::Delete(s) if readers.is_referenced(&key_of(s)) => {
-                bump(&config)
-            }
-            Event::InitDone => bump(&config),
-            _ => {}
-        };
-        tasks.push(drive::<Secret>(
-            "Secret",
-            format!("{} type={ty}", scope_name(&ns)),
-            w,
-            api(client, &ns),
-            base.clone().fields(&format!("type={ty}")),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, w) in writers_services {
-        let config = config.clone();
-        let readers = shared.clone();
-        let mapper = mapper.clone();
-        let slices_on = opts.endpoint_slices;
-        let mut tracker = KeyTracker::default();
-        let on = move |ev: &Event<Service>| {
-            // Routes only care whether a Service exists: recompile when the set changes.
-            if tracker.on(ev) {
-                bump(&config);
-            }
-            if !slices_on {
-                return;
-            }
-            match ev {
-                Event::Apply(s) | Event::Delete(s) => {
-                    let k = key_of(s);
-                    mapper.recompute(&readers, &k.namespace, &k.name);
-                }
-                Event::InitDone => mapper.recompute_all(&readers),
-                _ => {}
-            }
-        };
-        tasks.push(drive::<Service>(
-            "Service",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            base.clone(),
-            retry.clone(),
-            on,
-        ));
-    }
-    for (ns, w) in writers_slices {
-        let readers = shared.clone();
-        let mapper = mapper.clone();
-        let on = move |ev: &Event<EndpointSlice>| match ev {
-            Event::Apply(s) | Event::Delete(s) => {
-                if let (Some(ns), Some(svc)) = (
-                    s.metadata.namespace.as_deref(),
-                    s.labels().get(SERVICE_NAME_LABEL),
-                ) {
-                    mapper.recompute(&readers, ns, svc);
-                }
-            }
-            Event::InitDone => mapper.recompute_all(&readers),
-            _ => {}
-        };
-        tasks.push(drive::<EndpointSlice>(
-            "EndpointSlice",
-            scope_name(&ns),
-            w,
-            api(client, &ns),
-            // Only slices that belong to a Service.
-            base.clone().labels(SERVICE_NAME_LABEL),
-            retry.clone(),
-            on,
-        ));
-    }
-    (r, tasks)
+    s.config_kind::<AgentRoute>("AgentRoute", w.routes);
+    s.classes(w.classes);
+    s.config_kind::<Gateway>("Gateway", w.gateways);
+    s.config_kind::<HTTPRoute>("HTTPRoute", w.http_routes);
+    s.config_kind::<ReferenceGrant>("ReferenceGrant", w.grants);
+    s.config_kind::<AgentApiKey>("AgentApiKey", w.keys);
+    s.secrets(w.secrets, &shared);
+    s.services(w.services, &shared, &mapper, opts.endpoint_slices);
+    s.slices(w.slices, &shared, &mapper);
+    (r, s.tasks)
 }
 
 #[cfg(test)]
