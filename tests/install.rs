@@ -186,6 +186,7 @@ fn default_render_is_a_hardened_gateway_with_cluster_wide_read_rights() {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "IngressClass",
             "PodDisruptionBudget",
             "Role",
             "RoleBinding",
@@ -195,7 +196,10 @@ fn default_render_is_a_hardened_gateway_with_cluster_wide_read_rights() {
         ]
     );
     for doc in &d {
-        let cluster_scoped = matches!(s(&doc["kind"]), "ClusterRole" | "ClusterRoleBinding");
+        let cluster_scoped = matches!(
+            s(&doc["kind"]),
+            "ClusterRole" | "ClusterRoleBinding" | "IngressClass"
+        );
         assert_eq!(
             doc["metadata"]["namespace"].as_str().is_some(),
             !cluster_scoped,
@@ -477,6 +481,9 @@ fn expected_watch_rules() -> BTreeSet<(String, String, String)> {
         ),
         ("gateway.networking.k8s.io", "gateways/status", &["patch"]),
         ("gateway.networking.k8s.io", "httproutes/status", &["patch"]),
+        ("networking.k8s.io", "ingressclasses", read),
+        ("networking.k8s.io", "ingresses", read),
+        ("networking.k8s.io", "ingresses/status", &["patch"]),
     ])
 }
 

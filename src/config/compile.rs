@@ -152,6 +152,14 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         &mut routes,
         &mut certs,
     );
+    let ingresses = super::ingress::compile_ingresses(
+        store,
+        opts,
+        (store.routes.len() + store.gateway_api.http_routes.len()) as u64,
+        &mut by_prefix,
+        &mut routes,
+        &mut certs,
+    );
     certs.finish();
     let mcp_session_keys = opts
         .mcp_session_secret
@@ -160,6 +168,7 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
 
     Snapshot {
         gateway_api,
+        ingresses,
         generation: opts.generation,
         routes: RouteTable::new(by_prefix, routes),
         keys,

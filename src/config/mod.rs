@@ -5,6 +5,7 @@
 
 pub mod compile;
 pub mod gateway;
+pub mod ingress;
 pub mod path;
 pub mod problem;
 pub mod route;
@@ -63,6 +64,8 @@ pub struct Store {
     pub origins: BTreeMap<(String, ObjectKey), String>,
     /// The Gateway API objects (Kubernetes mode, when their CRDs are installed).
     pub gateway_api: gateway::GatewayInputs,
+    /// Ingresses and IngressClasses (Kubernetes mode).
+    pub ingress: ingress::IngressInputs,
 }
 
 /// A problem with one object, found by compile or by a source.
@@ -127,6 +130,8 @@ pub struct Snapshot {
     pub reports: Vec<ObjectReport>,
     /// What the Gateway API objects' status says (GatewayClass, Gateway, HTTPRoute).
     pub gateway_api: gateway::GatewayApiReport,
+    /// What each Ingress of our classes was compiled to (warnings become Events).
+    pub ingresses: Vec<ingress::IngressReport>,
     /// Live endpoint sets by backend id, attached after compile (discovery swaps them inside).
     pub endpoints: HashMap<Arc<str>, Arc<ArcSwap<EndpointSet>>>,
     /// The MCP session keys of `--mcp-session-secret` (`None`: not set, or its Secret unusable;

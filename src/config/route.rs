@@ -258,6 +258,11 @@ pub struct RouteFilters {
     pub rewrite_host: Option<HeaderValue>,
     /// `URLRewrite` `ReplaceFullPath` (`ReplacePrefixMatch` is the route's `rewrite`).
     pub full_path: Option<String>,
+    /// A request that did not arrive over TLS is redirected (308) to `https` (an Ingress with
+    /// TLS, or its `ssl-redirect` / `force-ssl-redirect` annotations).
+    pub ssl_redirect: bool,
+    /// This route's request body limit, below `--max-body-bytes` (`proxy-body-size`).
+    pub max_body: Option<u64>,
 }
 
 /// A route ready to serve.

@@ -34,8 +34,10 @@ pub async fn handle(
 /// step never reaches a backend.
 async fn run(cx: &mut RequestCtx<'_>) -> Result<Response<ProxyBody>, ProxyError> {
     let route = route_match::run(cx).await?;
-    if let Some(redirect) = route.filters.as_ref().and_then(|f| f.redirect.as_ref()) {
-        return Ok(filters::redirect(cx, &route, redirect));
+    if let Some(f) = route.filters.as_deref() {
+        if let Some(answer) = filters::early(cx, &route, f)? {
+            return Ok(answer);
+        }
     }
     if let Some(preflight) = cors::run(cx, &route) {
         return Ok(preflight);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -453,6 +454,8 @@ fn resource(kind: &str) -> (ApiResource, bool) {
         "Gateway" => (ApiResource::erase::<gateway::Gateway>(&()), true),
         "HTTPRoute" => (ApiResource::erase::<gateway::HTTPRoute>(&()), true),
         "ReferenceGrant" => (ApiResource::erase::<gateway::ReferenceGrant>(&()), true),
+        "Ingress" => (ApiResource::erase::<Ingress>(&()), true),
+        "IngressClass" => (ApiResource::erase::<IngressClass>(&()), false),
         other => panic!("no ApiResource for {other} in the test harness"),
     }
 }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 /// The server inside the namespace: answers every request 200 with its name, the request's
 /// path in `x-got-path` and its headers as JSON in `x-got-headers`, and `GET /_seen` with the
-/// paths it has served, one per line.
+/// paths it has served, one per line. A path ending `/slow` is answered after 3 s.
 const SERVER: &str = r#"
-import http.server, json, sys
+import http.server, json, sys, time
 name, port = sys.argv[1], int(sys.argv[2])
 seen = []
 class H(http.server.BaseHTTPRequestHandler):
@@ -23,6 +23,8 @@ class H(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("content-length") or 0)
         if n:
             self.rfile.read(n)
+        if self.path.endswith("/slow"):
+            time.sleep(3)
         body = ("\n".join(seen) if self.path == "/_seen" else name).encode()
         if self.path != "/_seen":
             seen.append(self.path)

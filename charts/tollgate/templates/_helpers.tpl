@@ -84,6 +84,14 @@ manifests/rbac/ grants the same; tests/install.rs fails if the two differ.
 - apiGroups: [gateway.networking.k8s.io]
   resources: [gatewayclasses/status, gateways/status, httproutes/status]
   verbs: [patch]
+{{- /* Ingress. IngressClasses are cluster-scoped: in a namespaced Role that line grants nothing,
+       and Ingresses are then not watched. */}}
+- apiGroups: [networking.k8s.io]
+  resources: [ingressclasses, ingresses]
+  verbs: [list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses/status]
+  verbs: [patch]
 {{- end }}
 
 {{/* Leader election: the Lease in the release namespace. */}}

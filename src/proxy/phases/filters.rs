@@ -8,7 +8,7 @@ use http::{HeaderMap, Response, StatusCode};
 
 use crate::config::route::{CompiledRedirect, CompiledRoute, PathChange, RouteFilters};
 use crate::proxy::context::{host_of, RequestCtx};
-use crate::proxy::ProxyBody;
+use crate::proxy::{ProxyBody, ProxyError};
 
 /// The redirect's answer: `Location` built from the request, with what the filter replaces.
 pub(crate) fn redirect(
@@ -59,6 +59,41 @@ pub(crate) fn redirect(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+/// What the filters answer before anything else runs: a redirect (the rule's, or to `https`
+/// for a request that did not arrive over TLS), or 413 for a body over the route's limit.
+pub(crate) fn early(
+    cx: &RequestCtx<'_>,
+    route: &CompiledRoute,
+    f: &RouteFilters,
+) -> Result<Option<Response<ProxyBody>>, ProxyError> {
+    if f.ssl_redirect && !cx.conn.tls {
+        let to_https = CompiledRedirect {
+            scheme: Some("https".to_string()),
+            hostname: None,
+            port: None,
+            path: None,
+            status: 308,
+        };
+        return Ok(Some(redirect(cx, route, &to_https)));
+    }
+    if let Some(r) = &f.redirect {
+        return Ok(Some(redirect(cx, route, r)));
+    }
+    if let Some(max) = f.max_body {
+        cx.check_content_length(max)?;
+    }
+    Ok(None)
+}
+
+/// The body limit of a route: its own (`proxy-body-size`), else the gateway's.
+pub(crate) fn max_body(route: &CompiledRoute, gateway_max: u64) -> u64 {
+    route
+        .filters
+        .as_ref()
+        .and_then(|f| f.max_body)
+        .map_or(gateway_max, |m| m.min(gateway_max))
 }
 
 /// The upstream request's headers: the rule's edits, then the rewritten `Host`.

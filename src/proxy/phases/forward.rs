@@ -84,7 +84,10 @@ pub(crate) async fn run(
         };
         let backend = picked.backend;
         cx.outcome.upstream = Some(backend.id.clone());
-        let mut up = Request::new(cx.body.for_attempt(gw.options.max_body_bytes));
+        let mut up = Request::new(
+            cx.body
+                .for_attempt(super::filters::max_body(route, gw.options.max_body_bytes)),
+        );
         *up.method_mut() = cx.head.method.clone();
         *up.uri_mut() = upstream_uri(backend, &path, query.as_deref())?;
         *up.version_mut() = Version::HTTP_11;

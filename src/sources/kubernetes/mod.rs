@@ -51,6 +51,9 @@ pub struct KubeOptions {
     /// Whether the Gateway API CRDs are installed (found at start by [`gateway_api_installed`]):
     /// only then are GatewayClass, Gateway, HTTPRoute and ReferenceGrant watched.
     pub gateway_api: bool,
+    /// Whether IngressClasses can be listed (found at start by [`ingress_allowed`]): only
+    /// then are IngressClass and Ingress watched.
+    pub ingress: bool,
     /// `status.addresses` of Gateways (`--gateway-address`): IP addresses or host names.
     pub gateway_addresses: Vec<String>,
 }
@@ -74,6 +77,7 @@ impl Default for KubeOptions {
             endpoint_slices: true,
             mcp_session_secret: None,
             gateway_api: false,
+            ingress: false,
             gateway_addresses: Vec::new(),
         }
     }
@@ -262,6 +266,39 @@ pub async fn gateway_api_installed(client: &Client) -> bool {
         }
         Err(_) => {
             tracing::warn!("GatewayClass list timed out: Gateways and HTTPRoutes are not watched");
+            false
+        }
+    }
+}
+
+/// Whether IngressClasses can be listed (a cluster-scoped kind: namespaced Roles cannot), and
+/// with them Ingresses served. Says which at start.
+pub async fn ingress_allowed(client: &Client) -> bool {
+    let api: Api<k8s_openapi::api::networking::v1::IngressClass> = Api::all(client.clone());
+    let answer = tokio::time::timeout(
+        STARTUP_CHECK_TIMEOUT,
+        api.list_metadata(&ListParams::default().limit(1)),
+    )
+    .await;
+    match answer {
+        Ok(Ok(_)) => {
+            tracing::info!("watching IngressClass and Ingress");
+            true
+        }
+        Ok(Err(kube::Error::Api(s))) if s.code == 403 => {
+            tracing::info!(
+                "not allowed to list IngressClasses (a cluster-scoped kind; grant list/watch of \
+                 networking.k8s.io ingressclasses cluster-wide to serve Ingresses): \
+                 Ingresses are not watched"
+            );
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot list IngressClasses: Ingresses are not watched");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("IngressClass list timed out: Ingresses are not watched");
             false
         }
     }

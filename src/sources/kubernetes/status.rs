@@ -23,8 +23,10 @@ use crate::api::{
     ConditionStatus,
 };
 use crate::config::gateway::GatewayApiReport;
+use crate::config::ingress::IngressReport;
 use crate::config::route::BackendTarget;
 use crate::config::{CompiledRoute, ObjectKey, ObjectReport, Snapshot};
+use k8s_openapi::api::networking::v1::Ingress;
 
 /// Status passes are debounced: a burst of endpoint changes costs one pass.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -321,7 +323,91 @@ fn plan(
         &now,
         &mut jobs,
     );
+    plan_ingresses(reflectors, &snap.ingresses, written, addresses, &mut jobs);
     jobs
+}
+
+/// An Ingress's `status.loadBalancer` from `--gateway-address`: an IP, else a host name.
+fn load_balancer_json(addresses: &[String]) -> Value {
+    let ingress: Vec<Value> = addresses
+        .iter()
+        .map(|a| {
+            if a.parse::<std::net::IpAddr>().is_ok() {
+                json!({ "ip": a })
+            } else {
+                json!({ "hostname": a })
+            }
+        })
+        .collect();
+    if ingress.is_empty() {
+        json!({})
+    } else {
+        json!({ "ingress": ingress })
+    }
+}
+
+/// Jobs for our Ingresses: `status.loadBalancer` where it differs, and the Warning Events of
+/// each generation's warnings, once (an events-only job of kind `IngressEvents`).
+fn plan_ingresses(
+    reflectors: &Reflectors,
+    reports: &[IngressReport],
+    written: &Written,
+    addresses: &[String],
+    jobs: &mut Vec<Job>,
+) {
+    let lb = load_balancer_json(addresses);
+    for i in reports {
+        let r = ObjectRef::<Ingress>::new(&i.object.name).within(&i.object.namespace);
+        let Some(obj) = reflectors.ingresses.iter().find_map(|s| s.get(&r)) else {
+            continue;
+        };
+        let current = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .map(|l| serde_json::to_value(l).unwrap_or(Value::Null))
+            .unwrap_or(json!({}));
+        let same = current == lb
+            || (current
+                .get("ingress")
+                .is_none_or(|v| v.as_array().is_some_and(Vec::is_empty))
+                && lb.get("ingress").is_none());
+        if !same {
+            push_job(
+                jobs,
+                written,
+                "Ingress",
+                i.object.clone(),
+                &obj.metadata,
+                i.generation,
+                obj.object_ref(&()),
+                json!({ "loadBalancer": lb }),
+            );
+        }
+        if i.warnings.is_empty() {
+            continue;
+        }
+        let warnings: Vec<Condition> = i
+            .warnings
+            .iter()
+            .map(|(reason, message)| Condition::new(message, false, reason, message.clone()))
+            .collect();
+        let seen = json!(i.warnings.iter().map(|w| &w.1).collect::<Vec<_>>());
+        let version = i.generation.map(|g| g.to_string());
+        let key = ("IngressEvents", i.object.clone());
+        if written.get(&key) == Some(&(version.clone(), identity_of(&seen))) {
+            continue;
+        }
+        jobs.push(Job {
+            kind: "IngressEvents",
+            key: i.object.clone(),
+            resource_version: version,
+            reference: obj.object_ref(&()),
+            old: Vec::new(),
+            new: warnings,
+            patch: json!({ "status": seen }),
+        });
+    }
 }
 
 /// Gateway API conditions as JSON: `message` is required there (may be empty), and each keeps
@@ -602,6 +688,12 @@ async fn write(client: &Client, job: &Job, health: &ApiHealth) -> Outcome {
                 .patch_status(&job.key.name, &pp, &patch)
                 .await
                 .map(|_| ()),
+            "Ingress" => Api::<Ingress>::namespaced(client.clone(), ns)
+                .patch_status(&job.key.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            // Events only: nothing of the object is written.
+            "IngressEvents" => Ok(()),
             _ => Api::<AgentApiKey>::namespaced(client.clone(), ns)
                 .patch_status(&job.key.name, &pp, &patch)
                 .await
@@ -730,7 +822,9 @@ pub async fn run(
         for (job, outcome, events) in results {
             match outcome {
                 Outcome::Written => {
-                    handle.status_writes.fetch_add(1, Ordering::Relaxed);
+                    if job.kind != "IngressEvents" {
+                        handle.status_writes.fetch_add(1, Ordering::Relaxed);
+                    }
                     handle.events.fetch_add(events as u64, Ordering::Relaxed);
                     tracing::debug!(kind = job.kind, object = %job.key, "status written");
                     let desired = identity_of(job.patch.get("status").unwrap_or(&Value::Null));

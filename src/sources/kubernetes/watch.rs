@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::{self, ObjectRef, Store as Reader};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, watcher, Event};
@@ -24,6 +25,7 @@ use super::KubeOptions;
 use crate::api::gateway::{Gateway, GatewayClass, HTTPRoute, ReferenceGrant};
 use crate::api::{AgentApiKey, AgentRoute};
 use crate::config::gateway::GatewayInputs;
+use crate::config::ingress::IngressInputs;
 use crate::config::{ObjectKey, Store};
 use crate::discovery::endpointslices::SliceEndpoint;
 use crate::discovery::SliceEndpoints;
@@ -90,6 +92,10 @@ pub struct Reflectors {
     pub gateways: Vec<Reader<Gateway>>,
     pub http_routes: Vec<Reader<HTTPRoute>>,
     pub grants: Vec<Reader<ReferenceGrant>>,
+    /// Ingress and IngressClass: empty when IngressClasses cannot be listed.
+    pub ingress: bool,
+    pub ingresses: Vec<Reader<Ingress>>,
+    pub ingress_classes: Vec<Reader<IngressClass>>,
 }
 
 fn key_of<K: Resource>(o: &K) -> ObjectKey {
@@ -141,6 +147,12 @@ impl Reflectors {
         for s in &self.grants {
             let _ = s.wait_until_ready().await;
         }
+        for s in &self.ingresses {
+            let _ = s.wait_until_ready().await;
+        }
+        for s in &self.ingress_classes {
+            let _ = s.wait_until_ready().await;
+        }
     }
 
     /// Counts for the log line at sync.
@@ -163,6 +175,13 @@ impl Reflectors {
                 n(self.grants.iter().map(Reader::len).sum()),
             ));
         }
+        if self.ingress {
+            out.push_str(&format!(
+                " ingressclasses={} ingresses={}",
+                n(self.ingress_classes.iter().map(Reader::len).sum()),
+                n(self.ingresses.iter().map(Reader::len).sum()),
+            ));
+        }
         out
     }
 
@@ -172,8 +191,12 @@ impl Reflectors {
         routes: &[AgentRoute],
         keys: &[AgentApiKey],
         gateways: &[Gateway],
+        ingresses: &[Ingress],
     ) -> HashSet<ObjectKey> {
         let mut out = HashSet::new();
+        for i in ingresses {
+            out.extend(ingress_secrets(i));
+        }
         for g in gateways {
             out.extend(gateway_secrets(g));
         }
@@ -205,6 +228,9 @@ impl Reflectors {
                         .is_some_and(|t| *t.secret_name == *secret.name)
             })
             .is_some()
+        }) || self.ingresses.iter().any(|s| {
+            s.find(|i| ingress_secrets(i).any(|k| k == *secret))
+                .is_some()
         }) || self.gateways.iter().any(|s| {
             s.find(|g| gateway_secrets(g).any(|k| k == *secret))
                 .is_some()
@@ -231,7 +257,12 @@ impl Reflectors {
             http_routes: sorted_clones(&self.http_routes),
             grants: sorted_clones(&self.grants),
         };
-        let mut wanted = Self::referenced_secrets(&routes, &keys, &gateway_api.gateways);
+        let ingress = IngressInputs {
+            ingresses: sorted_clones(&self.ingresses),
+            classes: sorted_clones(&self.ingress_classes),
+        };
+        let mut wanted =
+            Self::referenced_secrets(&routes, &keys, &gateway_api.gateways, &ingress.ingresses);
         wanted.extend(self.flag_secrets.iter().cloned());
         let mut secrets = BTreeMap::new();
         for s in &self.secrets {
@@ -255,6 +286,7 @@ impl Reflectors {
             services: Some(services),
             origins: BTreeMap::new(),
             gateway_api,
+            ingress,
         }
     }
 
@@ -286,6 +318,16 @@ fn gateway_secrets(g: &Gateway) -> impl Iterator<Item = ObjectKey> + '_ {
         .filter_map(|l| l.tls.as_ref())
         .flat_map(|t| &t.certificate_refs)
         .map(move |r| ObjectKey::new(r.namespace.as_deref().unwrap_or(ns), &r.name))
+}
+
+/// The Secrets an Ingress's `tls` names (in its namespace).
+fn ingress_secrets(i: &Ingress) -> impl Iterator<Item = ObjectKey> + '_ {
+    let ns = i.metadata.namespace.as_deref().unwrap_or("default");
+    i.spec
+        .iter()
+        .flat_map(|s| s.tls.iter().flatten())
+        .filter_map(|t| t.secret_name.as_deref())
+        .map(move |n| ObjectKey::new(ns, n))
 }
 
 /// The endpoints of each port of a Service, from its EndpointSlices. A Service port maps to the
@@ -618,6 +660,8 @@ struct AllWriters {
     gateways: Writers<Gateway>,
     http_routes: Writers<HTTPRoute>,
     grants: Writers<ReferenceGrant>,
+    ingresses: Writers<Ingress>,
+    ingress_classes: Writers<IngressClass>,
 }
 
 /// A new store for scope `ns`: its reader goes to `readers`, its writer to `writers`.
@@ -646,7 +690,14 @@ fn make_stores(opts: &KubeOptions, scopes: &[Option<String>]) -> (Reflectors, Al
         gateways: Vec::new(),
         http_routes: Vec::new(),
         grants: Vec::new(),
+        ingress: opts.ingress,
+        ingresses: Vec::new(),
+        ingress_classes: Vec::new(),
     };
+    if opts.ingress {
+        // IngressClasses are cluster-scoped too.
+        new_store(&None, &mut r.ingress_classes, &mut w.ingress_classes);
+    }
     if opts.gateway_api {
         // GatewayClasses are cluster-scoped: one watch whatever the namespaces.
         new_store(&None, &mut r.classes, &mut w.classes);
@@ -667,6 +718,9 @@ fn make_stores(opts: &KubeOptions, scopes: &[Option<String>]) -> (Reflectors, Al
             new_store(ns, &mut r.gateways, &mut w.gateways);
             new_store(ns, &mut r.http_routes, &mut w.http_routes);
             new_store(ns, &mut r.grants, &mut w.grants);
+        }
+        if opts.ingress {
+            new_store(ns, &mut r.ingresses, &mut w.ingresses);
         }
     }
     (r, w)
@@ -711,11 +765,21 @@ impl Starter<'_> {
         }
     }
 
-    fn classes(&mut self, writers: Writers<GatewayClass>) {
+    /// Watches a cluster-scoped kind that compile reads whole.
+    fn cluster_kind<K>(&mut self, kind: &'static str, writers: Writers<K>)
+    where
+        K: Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
         for (_, w) in writers {
             let on = config_change(self.config.clone());
-            self.tasks.push(drive::<GatewayClass>(
-                "GatewayClass",
+            self.tasks.push(drive::<K>(
+                kind,
                 "*".to_string(),
                 w,
                 Api::all(self.client.clone()),
@@ -862,7 +926,9 @@ pub fn start(
         tasks: Vec::new(),
     };
     s.config_kind::<AgentRoute>("AgentRoute", w.routes);
-    s.classes(w.classes);
+    s.cluster_kind::<GatewayClass>("GatewayClass", w.classes);
+    s.cluster_kind::<IngressClass>("IngressClass", w.ingress_classes);
+    s.config_kind::<Ingress>("Ingress", w.ingresses);
     s.config_kind::<Gateway>("Gateway", w.gateways);
     s.config_kind::<HTTPRoute>("HTTPRoute", w.http_routes);
     s.config_kind::<ReferenceGrant>("ReferenceGrant", w.grants);
