@@ -231,7 +231,7 @@ struct KubeFlags {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// An address of the gateway (IP or host name) written to Gateways' `status.addresses`
-    /// (repeatable).
+    /// and Ingresses' `status.loadBalancer` (repeatable).
     #[arg(
         long = "gateway-address",
         env = "TOLLGATE_GATEWAY_ADDRESS",

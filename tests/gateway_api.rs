@@ -162,6 +162,9 @@ async fn httproutes_route_by_path_header_method_and_weight_and_status_follows_th
                      "backendRefs": [backend("svc-a", 1), backend("svc-b", 0)]},
                     {"matches": [{"path": {"type": "PathPrefix", "value": "/nothing"}}],
                      "backendRefs": [backend("svc-b", 0)]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/post-only"},
+                                  "method": "POST"}],
+                     "backendRefs": [backend("svc-b", 1)]},
                 ]})),
         )
         .await;
@@ -191,6 +194,8 @@ async fn httproutes_route_by_path_header_method_and_weight_and_status_follows_th
         // A query parameter match: the first parameter of that name, exactly.
         assert_eq!(get_host(&http, &url("/api/x?v=2"), host, &[]).await, (200, "b".into()));
         assert_eq!(get_host(&http, &url("/api/x?v=3&v=2"), host, &[]).await, (200, "a".into()));
+        // A method match is a match like the others: another method is 404, not 405.
+        assert_eq!(get_host(&http, &url("/post-only/x"), host, &[]).await.0, 404);
         // Prefixes match whole segments; another host is not this route's.
         assert_eq!(get_host(&http, &url("/apix"), host, &[]).await.0, 404);
         assert_eq!(get_host(&http, &url("/api/x"), "other.example.org", &[]).await.0, 404);

@@ -475,3 +475,66 @@ async fn ingress_nginx_annotations_work_and_unknown_ones_are_warning_events() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_in_manifests_is_served() {
+    let cp = shared();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        cp.kubectl(&["apply", "-f", "manifests/examples/00-namespace.yaml"])
+            .await;
+        let (mem, rag) = (NetnsBackend::start("memory"), NetnsBackend::start("rag"));
+        for (name, port, b) in [
+            ("memory-service", 8003, &mem),
+            ("rag-retrieval", 8002, &rag),
+        ] {
+            let target = b.addr.port();
+            apply(
+                &admin,
+                json!({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": name, "namespace": "agents"},
+                       "spec": {"ports": [{"name": "http", "port": port, "targetPort": target}]}}),
+            )
+            .await;
+            apply(
+                &admin,
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": format!("{name}-1"), "namespace": "agents",
+                                    "labels": {"kubernetes.io/service-name": name}},
+                       "addressType": "IPv4",
+                       "ports": [{"name": "http", "port": target, "protocol": "TCP"}],
+                       "endpoints": [{"addresses": [b.addr.ip().to_string()],
+                                      "conditions": {"ready": true}}]}),
+            )
+            .await;
+        }
+        let gw = gateway(
+            &serve_options(),
+            &kube_options(&cp.admin_kubeconfig(), "agents", "gw"),
+        )
+        .await;
+        apply(&admin, ingress_class("tollgate", false)).await;
+        cp.kubectl(&["apply", "-f", "manifests/examples/ingress/"])
+            .await;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let url = |p: &str| format!("http://{}{p}", gw.listen);
+        eventually(SERVED, "the example Ingress serves", || async {
+            (send(http.get(url("/v2/search")), "docs.example.com").await == (200, "rag".into()))
+                .then_some(())
+        })
+        .await;
+        assert_eq!(
+            send(http.get(url("/notes")), "docs.example.com").await,
+            (200, "memory".into())
+        );
+        assert!(warnings(&admin, "agents", "docs").await.is_empty());
+        cp.kubectl(&["delete", "-f", "manifests/examples/ingress/"])
+            .await;
+        delete(&admin, "IngressClass", "", "tollgate").await;
+    })
+    .await;
+}

@@ -679,7 +679,11 @@ fn compile_match(spec: &AgentRouteSpec, out: &mut Vec<RouteProblem>) -> Compiled
     CompiledMatch {
         prefix,
         hosts,
-        methods: MethodSet { methods, allow },
+        methods: MethodSet {
+            methods,
+            allow,
+            mismatch_is_no_match: false,
+        },
         headers,
         body_field,
     }

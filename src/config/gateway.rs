@@ -694,6 +694,7 @@ fn compile_rule_match(
         Some(x) => MethodSet {
             methods: vec![x.clone()],
             allow: HeaderValue::from_str(x).ok(),
+            mismatch_is_no_match: true,
         },
         None => MethodSet::default(),
     };

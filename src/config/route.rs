@@ -66,6 +66,10 @@ pub struct MethodSet {
     /// The `Allow` header for a 405.
     #[serde(skip)]
     pub allow: Option<HeaderValue>,
+    /// A Gateway API method match: another method is simply no match (404, or a shorter
+    /// prefix), as the spec says, never 405.
+    #[serde(skip)]
+    pub mismatch_is_no_match: bool,
 }
 
 impl MethodSet {

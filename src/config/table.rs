@@ -160,6 +160,9 @@ impl RouteTable {
             if r.methods.allows(method) {
                 return Match::Route(&e.route);
             }
+            if r.methods.mismatch_is_no_match {
+                continue;
+            }
             if wrong_method.is_some() {
                 extra_wrong = true;
             } else {
