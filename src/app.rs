@@ -506,6 +506,7 @@ pub async fn start_kubernetes(
     k8s.endpoint_slices = opts.discovery == DiscoveryMode::Endpointslices;
     k8s.gateway_api = kube_source::gateway_api_installed(&client).await;
     k8s.ingress = kube_source::ingress_allowed(&client).await;
+    k8s.namespace_labels = k8s.gateway_api && kube_source::namespaces_allowed(&client).await;
     let (handle, tasks) = kube_source::spawn(client, &k8s, wiring);
     let h = handle.clone();
     let _ = running.gateway.source_debug.set(Arc::new(

@@ -650,3 +650,110 @@ async fn https_listeners_serve_certificates_from_secrets_and_a_missing_one_is_re
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_routes_selector_admits_namespaces_by_their_labels() {
+    let cp = shared_with_gateway_api();
+    bounded(LIMIT, async {
+        let admin = cp.admin().await;
+        let ns = namespace(&admin, "gwsel").await;
+        let team = namespace(&admin, "gwteam").await;
+        let stranger = namespace(&admin, "gwstranger").await;
+        let cls = format!("tollgate-{ns}");
+        let a = NetnsBackend::start("a");
+        service_for(&admin, &team, "svc", &a).await;
+        service_for(&admin, &stranger, "svc", &a).await;
+        let label = |name: &str, value: Option<&str>| {
+            let (admin, name) = (admin.clone(), name.to_string());
+            let value = value.map(str::to_string);
+            async move {
+                let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(admin);
+                let patch = json!({"metadata": {"labels": {"gw-access": value}}});
+                api.patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .expect("label the namespace");
+            }
+        };
+        label(&team, Some("yes")).await;
+        let mut kube = kube_options(&cp.admin_kubeconfig(), &ns, "gw");
+        kube.watch_namespaces = vec![ns.clone(), team.clone(), stranger.clone()];
+        let gw = gateway(&serve_options(), &kube).await;
+        apply(&admin, class(&cls)).await;
+        apply(
+            &admin,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "edge", "namespace": ns},
+                   "spec": {"gatewayClassName": cls, "listeners": [
+                       {"name": "web", "port": 80, "protocol": "HTTP",
+                        "allowedRoutes": {"namespaces": {"from": "Selector",
+                            "selector": {"matchLabels": {"gw-access": "yes"}}}}}]}}),
+        )
+        .await;
+        for (rns, host) in [
+            (&team, "team.example.com"),
+            (&stranger, "stranger.example.com"),
+        ] {
+            apply(
+                &admin,
+                http_route(
+                    rns,
+                    "r",
+                    json!({"parentRefs": [{"name": "edge", "namespace": ns}],
+                           "hostnames": [host],
+                           "rules": [{"backendRefs": [{"name": "svc", "port": 80}]}]}),
+                ),
+            )
+            .await;
+        }
+        let http = http();
+        let url = format!("http://{}/", gw.listen);
+        let accepted = |rns: String| {
+            let admin = admin.clone();
+            async move {
+                let s = status_of::<HTTPRoute>(&admin, Some(&rns), "r").await?;
+                cond_in(&parent(&s, "edge")?, "Accepted")
+            }
+        };
+        eventually(SERVED, "the labelled namespace's route serves", || async {
+            (get_host(&http, &url, "team.example.com", &[]).await == (200, "a".into()))
+                .then_some(())
+        })
+        .await;
+        eventually(SERVED, "the other namespace's route is refused", || async {
+            (accepted(stranger.clone()).await? == ("False".into(), "NotAllowedByListeners".into()))
+                .then_some(())
+        })
+        .await;
+        assert_eq!(
+            accepted(team.clone()).await,
+            Some(("True".into(), "Accepted".into()))
+        );
+        assert_eq!(
+            get_host(&http, &url, "stranger.example.com", &[]).await.0,
+            404
+        );
+        // Labels are watched: labelling the namespace admits its route.
+        label(&stranger, Some("yes")).await;
+        eventually(
+            SERVED,
+            "the newly labelled namespace's route serves",
+            || async {
+                (get_host(&http, &url, "stranger.example.com", &[]).await == (200, "a".into()))
+                    .then_some(())
+            },
+        )
+        .await;
+        label(&team, None).await;
+        eventually(SERVED, "an unlabelled namespace's route stops", || async {
+            (get_host(&http, &url, "team.example.com", &[]).await.0 == 404).then_some(())
+        })
+        .await;
+        delete(&admin, "GatewayClass", "", &cls).await;
+        gw.shutdown().await;
+    })
+    .await
+}

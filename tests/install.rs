@@ -484,6 +484,7 @@ fn expected_watch_rules() -> BTreeSet<(String, String, String)> {
         ("networking.k8s.io", "ingressclasses", read),
         ("networking.k8s.io", "ingresses", read),
         ("networking.k8s.io", "ingresses/status", &["patch"]),
+        ("", "namespaces", read),
     ])
 }
 

@@ -102,6 +102,9 @@ pub struct RouteNamespaces {
     /// `Same` (default), `All` or `Selector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// The namespaces `Selector` admits, by their labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// A route kind a listener admits.

@@ -8,7 +8,7 @@
 //! a route attached to several listeners serves the union of its hostnames' intersections with
 //! theirs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
@@ -30,6 +30,9 @@ pub struct GatewayInputs {
     pub gateways: Vec<Gateway>,
     pub http_routes: Vec<HTTPRoute>,
     pub grants: Vec<ReferenceGrant>,
+    /// Namespace labels by name, for `allowedRoutes` `Selector` (`None`: Namespaces are not
+    /// watched, and `Selector` admits none).
+    pub namespaces: Option<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 /// Status of one GatewayClass of our controller.
@@ -157,8 +160,37 @@ fn intersect(listener: Option<&str>, route: &[String]) -> Option<Vec<String>> {
     (!out.is_empty()).then_some(out)
 }
 
+/// Whether labels satisfy a label selector (`matchLabels` and `matchExpressions`, all of them).
+pub fn selects(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
 /// Whether a listener admits an HTTPRoute from `route_ns` (`allowedRoutes`).
-fn allows(listener: &Listener, gateway_ns: &str, route_ns: &str) -> bool {
+fn allows(
+    listener: &Listener,
+    gateway_ns: &str,
+    route_ns: &str,
+    namespaces: Option<&BTreeMap<String, BTreeMap<String, String>>>,
+) -> bool {
     let allowed = listener.allowed_routes.clone().unwrap_or_default();
     let kind_ok = match &allowed.kinds {
         None => true,
@@ -167,11 +199,18 @@ fn allows(listener: &Listener, gateway_ns: &str, route_ns: &str) -> bool {
             k.kind == "HTTPRoute" && k.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
         }),
     };
-    let from = allowed.namespaces.and_then(|n| n.from);
-    // `Selector` needs Namespace labels, which the gateway does not watch: it admits none.
+    let (from, selector) = allowed
+        .namespaces
+        .map(|n| (n.from, n.selector))
+        .unwrap_or_default();
     let ns_ok = match from.as_deref().unwrap_or("Same") {
         "All" => true,
         "Same" => route_ns == gateway_ns,
+        // Without Namespace labels (not watched) or without a selector, `Selector` admits none.
+        "Selector" => match (selector, namespaces.and_then(|n| n.get(route_ns))) {
+            (Some(s), Some(labels)) => selects(&s, labels),
+            _ => false,
+        },
         _ => false,
     };
     kind_ok && ns_ok
@@ -200,7 +239,9 @@ pub(super) fn compile_gateway_api(
 
     let mut order = first_order;
     for route in oldest_first(&inputs.http_routes) {
-        let Some(attachment) = attach_route(route, &gateways, &mut listeners) else {
+        let Some(attachment) =
+            attach_route(route, &gateways, &mut listeners, inputs.namespaces.as_ref())
+        else {
             continue;
         };
         let Attachment {
@@ -301,6 +342,7 @@ fn attach_route(
     route: &HTTPRoute,
     gateways: &[&Gateway],
     listeners: &mut [ListenerView<'_>],
+    namespaces: Option<&BTreeMap<String, BTreeMap<String, String>>>,
 ) -> Option<Attachment> {
     let rns = ns_of(route);
     let mut out = Attachment {
@@ -322,7 +364,7 @@ fn attach_route(
             // Not one of ours (or not there): another controller's to report, if any.
             continue;
         };
-        let accepted = attach_parent(route, p, gw, listeners, &mut out);
+        let accepted = attach_parent(route, p, gw, listeners, namespaces, &mut out);
         out.parents.push(ParentReport {
             parent_ref: p.clone(),
             conditions: vec![accepted],
@@ -337,6 +379,7 @@ fn attach_parent(
     p: &ParentRef,
     gw: &Gateway,
     listeners: &mut [ListenerView<'_>],
+    namespaces: Option<&BTreeMap<String, BTreeMap<String, String>>>,
     out: &mut Attachment,
 ) -> Condition {
     let mut selected: Vec<usize> = listeners
@@ -360,7 +403,7 @@ fn attach_parent(
         );
     }
     selected.retain(|&i| listeners[i].ready);
-    selected.retain(|&i| allows(listeners[i].listener, ns_of(gw), ns_of(route)));
+    selected.retain(|&i| allows(listeners[i].listener, ns_of(gw), ns_of(route), namespaces));
     if selected.is_empty() {
         return cond(
             "Accepted",
@@ -1006,18 +1049,19 @@ mod tests {
     #[test]
     fn allowed_routes_namespaces_and_kinds() {
         let same = listener(None, None);
-        assert!(allows(&same, "gw", "gw"));
-        assert!(!allows(&same, "gw", "other"));
+        assert!(allows(&same, "gw", "gw", None));
+        assert!(!allows(&same, "gw", "other", None));
         let all = listener(
             None,
             Some(AllowedRoutes {
                 namespaces: Some(RouteNamespaces {
                     from: Some("All".into()),
+                    selector: None,
                 }),
                 kinds: None,
             }),
         );
-        assert!(allows(&all, "gw", "other"));
+        assert!(allows(&all, "gw", "other", None));
         let grpc_only = listener(
             None,
             Some(AllowedRoutes {
@@ -1028,17 +1072,42 @@ mod tests {
                 }]),
             }),
         );
-        assert!(!allows(&grpc_only, "gw", "gw"));
+        assert!(!allows(&grpc_only, "gw", "gw", None));
         let selector = listener(
             None,
             Some(AllowedRoutes {
                 namespaces: Some(RouteNamespaces {
                     from: Some("Selector".into()),
+                    selector: Some(serde_json::from_value(serde_json::json!({
+                        "matchLabels": {"team": "a"},
+                        "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["prod"]}]
+                    })).unwrap()),
                 }),
                 kinds: None,
             }),
         );
-        assert!(!allows(&selector, "gw", "gw"), "Selector admits none");
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let ns: BTreeMap<String, BTreeMap<String, String>> = [
+            ("a".to_string(), labels(&[("team", "a")])),
+            (
+                "a-prod".to_string(),
+                labels(&[("team", "a"), ("env", "prod")]),
+            ),
+            ("b".to_string(), labels(&[("team", "b")])),
+        ]
+        .into();
+        assert!(allows(&selector, "gw", "a", Some(&ns)));
+        assert!(!allows(&selector, "gw", "a-prod", Some(&ns)));
+        assert!(!allows(&selector, "gw", "b", Some(&ns)));
+        assert!(
+            !allows(&selector, "gw", "a", None),
+            "not watched: admits none"
+        );
     }
 
     #[test]

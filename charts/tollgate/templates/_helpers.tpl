@@ -92,6 +92,10 @@ manifests/rbac/ grants the same; tests/install.rs fails if the two differ.
 - apiGroups: [networking.k8s.io]
   resources: [ingresses/status]
   verbs: [patch]
+{{- /* Namespace labels, for Gateway listeners' allowedRoutes Selector (cluster-scoped too). */}}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
 {{- end }}
 
 {{/* Leader election: the Lease in the release namespace. */}}

@@ -54,6 +54,9 @@ pub struct KubeOptions {
     /// Whether IngressClasses can be listed (found at start by [`ingress_allowed`]): only
     /// then are IngressClass and Ingress watched.
     pub ingress: bool,
+    /// Whether Namespaces can be listed (found at start by [`namespaces_allowed`]): only then
+    /// are their labels watched, for `allowedRoutes` `Selector`.
+    pub namespace_labels: bool,
     /// `status.addresses` of Gateways (`--gateway-address`): IP addresses or host names.
     pub gateway_addresses: Vec<String>,
 }
@@ -78,6 +81,7 @@ impl Default for KubeOptions {
             mcp_session_secret: None,
             gateway_api: false,
             ingress: false,
+            namespace_labels: false,
             gateway_addresses: Vec::new(),
         }
     }
@@ -266,6 +270,31 @@ pub async fn gateway_api_installed(client: &Client) -> bool {
         }
         Err(_) => {
             tracing::warn!("GatewayClass list timed out: Gateways and HTTPRoutes are not watched");
+            false
+        }
+    }
+}
+
+/// Whether Namespaces can be listed (cluster-scoped: namespaced Roles cannot grant it). Their
+/// labels serve Gateway listeners' `allowedRoutes` `Selector`; without them it admits none.
+pub async fn namespaces_allowed(client: &Client) -> bool {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let answer = tokio::time::timeout(
+        STARTUP_CHECK_TIMEOUT,
+        api.list_metadata(&ListParams::default().limit(1)),
+    )
+    .await;
+    match answer {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e,
+                "cannot list Namespaces: allowedRoutes namespaces Selector admits no route");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                "Namespace list timed out: allowedRoutes namespaces Selector admits no route"
+            );
             false
         }
     }

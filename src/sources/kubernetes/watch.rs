@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::{self, ObjectRef, Store as Reader};
@@ -96,6 +96,8 @@ pub struct Reflectors {
     pub ingress: bool,
     pub ingresses: Vec<Reader<Ingress>>,
     pub ingress_classes: Vec<Reader<IngressClass>>,
+    /// Namespaces (for their labels: `allowedRoutes` `Selector`): empty when not watched.
+    pub namespaces: Vec<Reader<Namespace>>,
 }
 
 fn key_of<K: Resource>(o: &K) -> ObjectKey {
@@ -256,6 +258,13 @@ impl Reflectors {
             gateways: sorted_clones(&self.gateways),
             http_routes: sorted_clones(&self.http_routes),
             grants: sorted_clones(&self.grants),
+            namespaces: (!self.namespaces.is_empty()).then(|| {
+                self.namespaces
+                    .iter()
+                    .flat_map(|s| s.state())
+                    .map(|n| (n.name_any(), n.labels().clone()))
+                    .collect()
+            }),
         };
         let ingress = IngressInputs {
             ingresses: sorted_clones(&self.ingresses),
@@ -662,6 +671,7 @@ struct AllWriters {
     grants: Writers<ReferenceGrant>,
     ingresses: Writers<Ingress>,
     ingress_classes: Writers<IngressClass>,
+    namespaces: Writers<Namespace>,
 }
 
 /// A new store for scope `ns`: its reader goes to `readers`, its writer to `writers`.
@@ -693,7 +703,11 @@ fn make_stores(opts: &KubeOptions, scopes: &[Option<String>]) -> (Reflectors, Al
         ingress: opts.ingress,
         ingresses: Vec::new(),
         ingress_classes: Vec::new(),
+        namespaces: Vec::new(),
     };
+    if opts.gateway_api && opts.namespace_labels {
+        new_store(&None, &mut r.namespaces, &mut w.namespaces);
+    }
     if opts.ingress {
         // IngressClasses are cluster-scoped too.
         new_store(&None, &mut r.ingress_classes, &mut w.ingress_classes);
@@ -780,6 +794,47 @@ impl Starter<'_> {
             let on = config_change(self.config.clone());
             self.tasks.push(drive::<K>(
                 kind,
+                "*".to_string(),
+                w,
+                Api::all(self.client.clone()),
+                self.base.clone(),
+                self.retry.clone(),
+                on,
+            ));
+        }
+    }
+
+    /// Namespaces: only their labels matter (they have no generation to tell spec changes by).
+    fn namespaces(&mut self, writers: Writers<Namespace>) {
+        for (_, w) in writers {
+            let config = self.config.clone();
+            let mut seen: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+            let mut buffer: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+            let on = move |ev: &Event<Namespace>| {
+                let changed = match ev {
+                    Event::Apply(n) => {
+                        seen.insert(n.name_any(), n.labels().clone()) != Some(n.labels().clone())
+                    }
+                    Event::Delete(n) => seen.remove(&n.name_any()).is_some(),
+                    Event::Init => {
+                        buffer.clear();
+                        false
+                    }
+                    Event::InitApply(n) => {
+                        buffer.insert(n.name_any(), n.labels().clone());
+                        false
+                    }
+                    Event::InitDone => {
+                        seen = std::mem::take(&mut buffer);
+                        true
+                    }
+                };
+                if changed {
+                    bump(&config);
+                }
+            };
+            self.tasks.push(drive::<Namespace>(
+                "Namespace",
                 "*".to_string(),
                 w,
                 Api::all(self.client.clone()),
@@ -929,6 +984,7 @@ pub fn start(
     s.cluster_kind::<GatewayClass>("GatewayClass", w.classes);
     s.cluster_kind::<IngressClass>("IngressClass", w.ingress_classes);
     s.config_kind::<Ingress>("Ingress", w.ingresses);
+    s.namespaces(w.namespaces);
     s.config_kind::<Gateway>("Gateway", w.gateways);
     s.config_kind::<HTTPRoute>("HTTPRoute", w.http_routes);
     s.config_kind::<ReferenceGrant>("ReferenceGrant", w.grants);
