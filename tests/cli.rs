@@ -115,6 +115,56 @@ async fn check_lists_every_problem_with_its_file_and_field() {
     .await;
 }
 
+/// Ingresses (with their IngressClass) are checked in files too: one that serves passes, an
+/// ingress-nginx annotation Tollgate does not serve is named with its file.
+#[tokio::test]
+async fn check_validates_ingresses_and_names_unsupported_annotations() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let class = "apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: tollgate}
+spec: {controller: tollgate.dev/ingress-controller}
+";
+        let ingress = |annotation: &str| {
+            format!(
+                "---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+  namespace: agents
+  annotations: {{nginx.ingress.kubernetes.io/{annotation}: \"30\"}}
+spec:
+  ingressClassName: tollgate
+  rules:
+    - host: web.example.com
+      http:
+        paths:
+          - {{path: /api, pathType: Prefix, backend: {{service: {{name: api, port: {{number: 80}}}}}}}}
+"
+            )
+        };
+        let good = dir.path().join("good.yaml");
+        std::fs::write(&good, format!("{class}{}", ingress("limit-rpm"))).expect("write");
+        let out = tollgate(&["check", "--config", path_str(&good)]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, format!("{class}{}", ingress("proxy-send-timeout"))).expect("write");
+        let out = tollgate(&["check", "--config", path_str(&bad)]).await;
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(path_str(&bad))
+                && l.contains("Ingress agents/web")
+                && l.contains("nginx.ingress.kubernetes.io/proxy-send-timeout")
+                && l.contains("UnsupportedAnnotation")),
+            "{text}"
+        );
+    })
+    .await;
+}
+
 /// MCP configuration that cannot work is refused by `check`: an mcp route that cannot take
 /// POST, and a session key Secret whose keys are not 32-byte base64 (named by line, never shown).
 #[tokio::test]

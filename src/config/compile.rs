@@ -77,6 +77,23 @@ impl Problems<'_> {
         });
     }
 
+    /// A problem of an object whose reasons are not typed (an Ingress's warnings).
+    fn push_text(&mut self, kind: &str, object: &ObjectKey, reason: &str, message: String) {
+        let origin = self
+            .store
+            .origins
+            .get(&(kind.to_string(), object.clone()))
+            .cloned();
+        self.list.push(Problem {
+            kind: kind.to_string(),
+            object: object.clone(),
+            field: String::new(),
+            reason: reason.to_string(),
+            message,
+            origin,
+        });
+    }
+
     fn route(&mut self, object: &ObjectKey, p: &RouteProblem) {
         self.push("AgentRoute", object, &p.field(), p.reason(), p.to_string());
     }
@@ -160,6 +177,11 @@ pub fn compile(store: &Store, opts: &CompileOptions) -> Snapshot {
         &mut routes,
         &mut certs,
     );
+    for i in &ingresses {
+        for (reason, message) in &i.warnings {
+            problems.push_text("Ingress", &i.object, reason, message.clone());
+        }
+    }
     certs.finish();
     let mcp_session_keys = opts
         .mcp_session_secret

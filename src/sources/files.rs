@@ -1,6 +1,7 @@
 //! The file source of `standalone` and `check`: multi-document YAML files (AgentRoute,
 //! AgentApiKey, Secret) from a file or a directory, watched for changes. Only gathers objects.
 
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,8 @@ struct FileObjects {
     routes: Vec<AgentRoute>,
     keys: Vec<AgentApiKey>,
     secrets: Vec<Secret>,
+    ingresses: Vec<Ingress>,
+    ingress_classes: Vec<IngressClass>,
     /// The documents of the file that are not served, each with why.
     refused: Vec<Problem>,
 }
@@ -160,6 +163,17 @@ impl FileSource {
             for s in &objs.secrets {
                 store.secrets.insert(key_of(&s.metadata), s.clone());
             }
+            for i in &objs.ingresses {
+                let key = key_of(&i.metadata);
+                store
+                    .origins
+                    .insert(("Ingress".into(), key), origin.clone());
+                store.ingress.ingresses.push(i.clone());
+            }
+            store
+                .ingress
+                .classes
+                .extend(objs.ingress_classes.iter().cloned());
         }
         store
     }
@@ -313,6 +327,17 @@ fn parse(text: &str, origin: &str) -> Result<FileObjects, String> {
                     out.keys.push(k);
                 }
             }
+            ("networking.k8s.io/v1", "Ingress") => {
+                if let Some(mut i) = doc.strict::<Ingress>(value, &mut out.refused) {
+                    i.metadata.namespace.get_or_insert_with(|| "default".into());
+                    out.ingresses.push(i);
+                }
+            }
+            ("networking.k8s.io/v1", "IngressClass") => {
+                if let Some(c) = doc.strict::<IngressClass>(value, &mut out.refused) {
+                    out.ingress_classes.push(c);
+                }
+            }
             ("v1", "Secret") => {
                 if let Some(mut s) = doc.strict::<Secret>(value, &mut out.refused) {
                     s.metadata.namespace.get_or_insert_with(|| "default".into());
@@ -327,7 +352,8 @@ fn parse(text: &str, origin: &str) -> Result<FileObjects, String> {
                     format!(
                         "document {} (apiVersion {api:?}, kind {kind:?}, {namespace}/{name}): \
                          unsupported kind, skipped; expected tollgate.dev/v1alpha1 AgentRoute \
-                         or AgentApiKey, or v1 Secret",
+                         or AgentApiKey, networking.k8s.io/v1 Ingress or IngressClass, or v1 \
+                         Secret",
                         i + 1
                     ),
                 );
@@ -409,7 +435,7 @@ spec: {clientId: mobile, keyHash: 'sha256:00'}
     #[test]
     fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_the_file_serves() {
         let text = format!(
-            "{ROUTE}---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: web}}\n---\n{KEY}"
+            "{ROUTE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n{KEY}"
         );
         let (_dir, file, loaded) = load_one(&text);
         let routes: Vec<_> = loaded
@@ -425,14 +451,62 @@ spec: {clientId: mobile, keyHash: 'sha256:00'}
         assert_eq!(p.reason, "UnsupportedKind");
         assert_eq!(p.origin.as_deref(), file.to_str());
         let line = p.to_string();
-        for needle in [
-            "document 2",
-            "\"networking.k8s.io/v1\"",
-            "\"Ingress\"",
-            "default/web",
-        ] {
+        for needle in ["document 2", "\"apps/v1\"", "\"Deployment\"", "default/web"] {
             assert!(line.contains(needle), "{needle} in {line}");
         }
+    }
+
+    #[test]
+    fn ingresses_and_their_class_are_read_from_files_and_compiled() {
+        let text = "apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: tollgate}
+spec: {controller: tollgate.dev/ingress-controller}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+  namespace: agents
+  annotations: {nginx.ingress.kubernetes.io/server-snippet: x}
+spec:
+  ingressClassName: tollgate
+  rules:
+    - host: web.example.com
+      http:
+        paths:
+          - {path: /api, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: typo}
+spec: {ingressClassName: tollgate, rulez: []}
+";
+        let (_dir, _file, loaded) = load_one(text);
+        assert_eq!(loaded.store.ingress.classes.len(), 1);
+        assert_eq!(
+            loaded.store.ingress.ingresses.len(),
+            1,
+            "the strict parse refuses `rulez`"
+        );
+        assert_eq!(loaded.problems.len(), 1, "{:#?}", loaded.problems);
+        assert!(
+            loaded.problems[0].to_string().contains("rulez"),
+            "{}",
+            loaded.problems[0]
+        );
+        let snap = crate::config::compile(&loaded.store, &Default::default());
+        assert_eq!(snap.routes.len(), 1);
+        assert_eq!(snap.ingresses.len(), 1);
+        assert_eq!(snap.ingresses[0].warnings[0].0, "UnsupportedAnnotation");
+        // `tollgate check` and standalone report it like any problem, with its file.
+        let p = snap
+            .problems
+            .iter()
+            .find(|p| p.kind == "Ingress")
+            .expect("a problem");
+        assert_eq!(p.reason, "UnsupportedAnnotation");
+        assert!(p.origin.is_some());
     }
 
     #[test]
