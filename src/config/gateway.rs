@@ -658,6 +658,7 @@ fn compile_http_route(
                 sticky: Sticky::None,
                 load_balancer: LoadBalancer::default(),
                 mcp_tools: None,
+                mcp_federation: None,
                 conditions,
             });
         }
