@@ -381,6 +381,46 @@ async fn a_refused_tool_call_never_reaches_a_server() {
             .await
             .unwrap();
         assert_eq!(batch.status(), 400);
+        // A real batch, under a version that forbids batches (2025-06-18 and later).
+        let batch = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("mcp-protocol-version", "2025-11-25")
+            .json(&json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                          {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(batch.status(), 400);
+        let v: Value = batch.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        // JSON, but not JSON-RPC: no "jsonrpc": "2.0".
+        let not_rpc = gw
+            .http
+            .post(gw.url("/mcp"))
+            .json(&json!({"id": 3, "method": "tools/call", "params": {"name": "search_docs"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(not_rpc.status(), 400);
+        let v: Value = not_rpc.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        // Over the size the gateway reads: 413 with a JSON-RPC error.
+        let huge = format!(
+            r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"search_docs","arguments":{{"q":"{}"}}}}}}"#,
+            "x".repeat(2 << 20)
+        );
+        let big = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(big.status(), 413);
+        let v: Value = big.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
         assert_eq!(backend.count(), 0);
         // Not a tools/call: forwarded.
         let ping = gw
@@ -398,7 +438,7 @@ async fn a_refused_tool_call_never_reaches_a_server() {
             r#"tollgate_mcp_tool_calls_total{outcome="tool_forbidden",route="default/tools",tool="search_docs"} 1"#,
             r#"tollgate_mcp_requests_total{method="tools/call",outcome="tool_forbidden",route="default/tools"} 2"#,
             r#"tollgate_mcp_requests_total{method="ping",outcome="ok",route="default/tools"} 1"#,
-            r#"tollgate_mcp_requests_total{method="unknown",outcome="refused",route="default/tools"} 2"#,
+            r#"tollgate_mcp_requests_total{method="unknown",outcome="refused",route="default/tools"} 5"#,
         ] {
             assert!(text.contains(line), "no {line} in:\n{text}");
         }
