@@ -627,3 +627,47 @@ async fn a_per_tool_limit_refuses_single_calls() {
     })
     .await;
 }
+
+/// `tollgate demo`'s MCP server (built into the binary) behind the demo's own configuration,
+/// used by the official SDK with the demo user's key: its two tools listed and called; and the
+/// call its printed curl line makes answers 13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_mcp_server_works_through_the_demo_config() {
+    bounded_for(LIMIT, async {
+        let svc = tollgate::demo::spawn_demo_services(tollgate::demo::DemoOptions {
+            token_delay: Duration::from_millis(1),
+        })
+        .await
+        .unwrap();
+        let gw = support::gateway(tollgate::demo::demo_config_yaml(&svc)).await;
+        let key = tollgate::demo::DEMO_USER_KEY;
+        let report = client(&["demo", &gw.url("/mcp"), key], LIMIT).await;
+        assert_eq!(report["tools"], json!(["add", "search_docs"]), "{report:#}");
+        assert_eq!(report["add"], "13", "{report:#}");
+        assert!(
+            report["search"].as_str().is_some_and(|s| !s.is_empty()),
+            "{report:#}"
+        );
+        let lines = tollgate::demo::demo_curl_lines(gw.running.listen);
+        let body = lines
+            .lines()
+            .find(|l| l.starts_with("curl") && l.contains("tools/call"))
+            .and_then(|l| l.split_once(" -d '"))
+            .and_then(|(_, b)| b.strip_suffix('\''))
+            .expect("a printed tools/call line");
+        let v: Value = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["result"]["content"][0]["text"], "13", "{v}");
+    })
+    .await;
+}

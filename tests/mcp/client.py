@@ -14,6 +14,8 @@ tests. Prints one JSON line with what happened; exits 0 even when sessions fail 
   client.py limited-key URL CALLS API_KEY
       A session calling delete_repo CALLS times (some refused by a per-tool limit), then
       search_docs: which calls passed, which failed and with what code.
+  client.py demo URL API_KEY
+      A session with `tollgate demo`'s MCP server: list_tools, add(6, 7), search_docs.
   client.py tools URL API_KEY
       A session with this key: list_tools, a call of delete_repo (which may be refused), then a
       call of search_docs in the same session.
@@ -166,6 +168,17 @@ async def limited(url, n, key):
                 print(json.dumps({"results": results, "after": after}))
 
 
+async def demo(url, key):
+    async with httpx2.AsyncClient(timeout=15, headers={"x-api-key": key}) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                listed = sorted(t.name for t in (await s.list_tools()).tools)
+                add = text(await s.call_tool("add", {"a": 6, "b": 7}))
+                search = text(await s.call_tool("search_docs", {"query": "rate limits"}))
+                print(json.dumps({"tools": listed, "add": add, "search": search}))
+
+
 def main():
     mode = sys.argv[1]
     if mode == "sessions":
@@ -174,6 +187,8 @@ def main():
         asyncio.run(tools(sys.argv[2], sys.argv[3]))
     elif mode == "federation":
         asyncio.run(federation(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    elif mode == "demo":
+        asyncio.run(demo(sys.argv[2], sys.argv[3]))
     elif mode == "limited-key":
         asyncio.run(limited(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
     elif mode == "stateless":
