@@ -310,7 +310,8 @@ struct Reply {
 }
 
 /// Sends the request to every part at once. With `id`, each reply's answer is read (JSON or
-/// SSE, up to the inspect limit); a part that fails yields `None` and is reported.
+/// SSE, up to the inspect limit); a part that fails yields `None`, and is reported as down
+/// unless the server answered 4xx itself.
 async fn fan_out(
     env: &Env<'_>,
     parts: &[Part<'_>],
@@ -324,14 +325,18 @@ async fn fan_out(
         {
             let work = async {
                 let headers = part_headers(env.headers, part);
-                let fwd = send_to(env, part, env.method.clone(), headers, body.clone())
-                    .await
-                    .ok()?;
-                if !fwd.resp.status().is_success() {
-                    return None;
+                let Ok(fwd) = send_to(env, part, env.method.clone(), headers, body.clone()).await
+                else {
+                    // Not reached (no endpoint, refused, reset, timed out): down.
+                    return Err(true);
+                };
+                let status = fwd.resp.status();
+                if !status.is_success() {
+                    // A 4xx is the server's own answer to this request; a 5xx says it is down.
+                    return Err(status.is_server_error());
                 }
                 let Some(id) = id else {
-                    return Some(Reply {
+                    return Ok(Reply {
                         message: Value::Null,
                         session: None,
                     });
@@ -349,11 +354,14 @@ async fn fan_out(
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
                 let Forwarded { resp, guard, .. } = fwd;
-                let bytes = read_until_answer(resp.into_body(), sse, id, max).await?;
+                // A reply cut off or without the answer: the server failed this request.
+                let bytes = read_until_answer(resp.into_body(), sse, id, max)
+                    .await
+                    .ok_or(true)?;
                 drop(guard);
-                let message = federation::answer_in(&bytes, sse, id)?;
-                let backend = route.backends.get(part.backend)?;
-                Some(Reply {
+                let message = federation::answer_in(&bytes, sse, id).ok_or(true)?;
+                let backend = route.backends.get(part.backend).ok_or(false)?;
+                Ok(Reply {
                     message,
                     session: session.map(|upstream_id| SessionTarget {
                         backend: backend.id.to_string(),
@@ -362,11 +370,14 @@ async fn fan_out(
                     }),
                 })
             };
-            let reply = tokio::time::timeout(limit, work).await.ok().flatten();
-            if reply.is_none() {
-                down(env.gw, route, part.prefix);
+            match tokio::time::timeout(limit, work).await {
+                Ok(Ok(reply)) => Some(reply),
+                Ok(Err(false)) => None,
+                Ok(Err(true)) | Err(_) => {
+                    down(env.gw, route, part.prefix);
+                    None
+                }
             }
-            reply
         }
     };
     futures_util::future::join_all(parts.iter().map(one)).await
