@@ -381,6 +381,46 @@ async fn a_refused_tool_call_never_reaches_a_server() {
             .await
             .unwrap();
         assert_eq!(batch.status(), 400);
+        // A real batch, under a version that forbids batches (2025-06-18 and later).
+        let batch = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("mcp-protocol-version", "2025-11-25")
+            .json(&json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                          {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(batch.status(), 400);
+        let v: Value = batch.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        // JSON, but not JSON-RPC: no "jsonrpc": "2.0".
+        let not_rpc = gw
+            .http
+            .post(gw.url("/mcp"))
+            .json(&json!({"id": 3, "method": "tools/call", "params": {"name": "search_docs"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(not_rpc.status(), 400);
+        let v: Value = not_rpc.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        // Over the size the gateway reads: 413 with a JSON-RPC error.
+        let huge = format!(
+            r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"search_docs","arguments":{{"q":"{}"}}}}}}"#,
+            "x".repeat(2 << 20)
+        );
+        let big = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(big.status(), 413);
+        let v: Value = big.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
         assert_eq!(backend.count(), 0);
         // Not a tools/call: forwarded.
         let ping = gw
@@ -398,10 +438,236 @@ async fn a_refused_tool_call_never_reaches_a_server() {
             r#"tollgate_mcp_tool_calls_total{outcome="tool_forbidden",route="default/tools",tool="search_docs"} 1"#,
             r#"tollgate_mcp_requests_total{method="tools/call",outcome="tool_forbidden",route="default/tools"} 2"#,
             r#"tollgate_mcp_requests_total{method="ping",outcome="ok",route="default/tools"} 1"#,
-            r#"tollgate_mcp_requests_total{method="unknown",outcome="refused",route="default/tools"} 2"#,
+            r#"tollgate_mcp_requests_total{method="unknown",outcome="refused",route="default/tools"} 5"#,
         ] {
             assert!(text.contains(line), "no {line} in:\n{text}");
         }
+    })
+    .await;
+}
+
+/// Federation over three SDK servers (a, b, c) behind one route, for a 2025-11-25 session and
+/// a 2026-07-28 stateless client: tools are listed as `<prefix>__<tool>`, each call reaches its
+/// own server, and once c is killed mid-session the others keep working: c's tools leave the
+/// list, a call of one fails as that call only, and the outage is counted. A tool no server
+/// has never leaves the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_federates_three_servers_and_survives_one_going_down() {
+    bounded_for(LIMIT, async {
+        for era in ["legacy", "modern"] {
+            let a = McpServer::start("a", false).await;
+            let b = McpServer::start("b", true).await;
+            let c = McpServer::start("c", false).await;
+            let backends: Vec<Value> = [("a", &a), ("b", &b), ("c", &c)]
+                .iter()
+                .map(|(p, s)| json!({"url": s.url(), "mcp": {"prefix": p}}))
+                .collect();
+            let r = route(
+                "fed",
+                json!({
+                    "match": {"pathPrefix": "/mcp"},
+                    "protocol": "mcp",
+                    "auth": {"required": false},
+                    "backends": backends,
+                }),
+            );
+            let gw = support::gateway(yaml([r])).await;
+            let pid = c.pid().to_string();
+            let report = client(&["federation", &gw.url("/mcp"), era, &pid], LIMIT).await;
+            let all: Vec<String> = ["a", "b", "c"]
+                .iter()
+                .flat_map(|p| {
+                    ["add", "delete_repo", "search_docs", "whoami"]
+                        .iter()
+                        .map(move |t| format!("{p}__{t}"))
+                })
+                .collect();
+            assert_eq!(report["before"], json!(all), "{era}: {report:#}");
+            assert_eq!(
+                report["who"],
+                json!({"a": "a", "b": "b", "c": "c"}),
+                "{era}: {report:#}"
+            );
+            let after: Vec<&String> = all.iter().filter(|n| !n.starts_with("c__")).collect();
+            assert_eq!(report["after"], json!(after), "{era}: {report:#}");
+            let calls = &report["calls"];
+            assert_eq!(calls["a__whoami"]["ok"], "a", "{era}: {report:#}");
+            assert_eq!(calls["a__whoami#2"]["ok"], "a", "{era}: {report:#}");
+            assert_eq!(calls["b__add"]["ok"], "5@b", "{era}: {report:#}");
+            assert_eq!(calls["c__whoami"]["code"], -32005, "{era}: {report:#}");
+            assert_eq!(calls["nosuch__whoami"]["code"], -32602, "{era}: {report:#}");
+            assert_eq!(calls["whoami"]["code"], -32602, "{era}: {report:#}");
+            if era == "legacy" {
+                assert_eq!(report["version"], "2025-11-25", "{report:#}");
+                assert_eq!(report["server"], "tollgate", "{report:#}");
+            } else {
+                assert_eq!(report["version"], "2026-07-28", "{report:#}");
+                assert!(
+                    report["supported"]
+                        .as_array()
+                        .is_some_and(|v| v.contains(&json!("2026-07-28"))),
+                    "{report:#}"
+                );
+            }
+            let text = gw.metrics().await;
+            assert!(
+                text.lines().any(|l| l.starts_with(
+                    r#"tollgate_mcp_server_unavailable_total{route="default/fed",server="c"}"#
+                )),
+                "{era}: the outage is counted:\n{text}"
+            );
+            assert!(
+                !text.contains(r#"server="a"}"#) && !text.contains(r#"server="b"}"#),
+                "{era}: only c was down:\n{text}"
+            );
+        }
+    })
+    .await;
+}
+
+/// A tool name no server has is refused by the gateway itself: over raw HTTP, with an echo
+/// backend that counts what reaches it.
+#[tokio::test]
+async fn an_unknown_federated_tool_never_reaches_a_server() {
+    support::bounded(async {
+        let one = Backend::echo("one").await;
+        let two = Backend::echo("two").await;
+        let r = route(
+            "fed",
+            json!({
+                "match": {"pathPrefix": "/mcp"},
+                "protocol": "mcp",
+                "auth": {"required": false},
+                "backends": [{"url": one.url(), "mcp": {"prefix": "one"}},
+                             {"url": two.url(), "mcp": {"prefix": "two"}}],
+            }),
+        );
+        let gw = support::gateway(yaml([r])).await;
+        for name in ["three__x", "x", "one__", "__x"] {
+            let resp = gw
+                .http
+                .post(gw.url("/mcp"))
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "tools/call")
+                .header("mcp-name", name)
+                .json(&json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                              "params": {"name": name, "arguments": {}}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{name}");
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(
+                (&v["error"]["code"], &v["id"]),
+                (&json!(-32602), &json!(4)),
+                "{name}"
+            );
+        }
+        // A header that disagrees with the body is refused before any server sees it.
+        let lying = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "two__x")
+            .json(&json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                          "params": {"name": "one__x", "arguments": {}}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(lying.status(), 400);
+        assert_eq!((one.count(), two.count()), (0, 0));
+    })
+    .await;
+}
+
+/// `mcp.tools[].rateLimit`: a client's calls of a limited tool past its burst fail as those
+/// calls only (the SDK raises -32004 for each), never reach the server, and the session goes
+/// on with other tools; the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_tool_limit_refuses_single_calls() {
+    bounded_for(LIMIT, async {
+        let a = McpServer::start("a", false).await;
+        let r = route(
+            "limited",
+            json!({
+                "match": {"pathPrefix": "/mcp"},
+                "protocol": "mcp",
+                "mcp": {"tools": [
+                    {"name": "delete_*", "roles": ["user"], "rateLimit": {"requestsPerMinute": 2}},
+                    {"name": "*", "roles": ["user"]},
+                ]},
+                "backends": [{"url": a.url()}],
+            }),
+        );
+        let mut docs = vec![r];
+        docs.extend(support::api_key(
+            "default",
+            "user",
+            "user-app",
+            "user-key-0123456789",
+            &["user"],
+            json!({}),
+        ));
+        let gw = support::gateway(yaml(docs)).await;
+        let report = client(
+            &["limited-key", &gw.url("/mcp"), "4", "user-key-0123456789"],
+            LIMIT,
+        )
+        .await;
+        let results = report["results"].as_array().unwrap();
+        assert_eq!(results[0]["ok"], "deleted 0@a", "{report:#}");
+        assert_eq!(results[1]["ok"], "deleted 1@a", "{report:#}");
+        for r in &results[2..] {
+            assert_eq!(r["code"], -32004, "{report:#}");
+        }
+        assert_eq!(report["after"]["ok"], "found q@a", "{report:#}");
+        let text = gw.metrics().await;
+        let line = r#"tollgate_mcp_tool_calls_total{outcome="tool_rate_limited",route="default/limited",tool="delete_repo"} 2"#;
+        assert!(text.contains(line), "no {line} in:\n{text}");
+    })
+    .await;
+}
+
+/// `tollgate demo`'s MCP server (built into the binary) behind the demo's own configuration,
+/// used by the official SDK with the demo user's key: its two tools listed and called; and the
+/// call its printed curl line makes answers 13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_mcp_server_works_through_the_demo_config() {
+    bounded_for(LIMIT, async {
+        let svc = tollgate::demo::spawn_demo_services(tollgate::demo::DemoOptions {
+            token_delay: Duration::from_millis(1),
+        })
+        .await
+        .unwrap();
+        let gw = support::gateway(tollgate::demo::demo_config_yaml(&svc)).await;
+        let key = tollgate::demo::DEMO_USER_KEY;
+        let report = client(&["demo", &gw.url("/mcp"), key], LIMIT).await;
+        assert_eq!(report["tools"], json!(["add", "search_docs"]), "{report:#}");
+        assert_eq!(report["add"], "13", "{report:#}");
+        assert!(
+            report["search"].as_str().is_some_and(|s| !s.is_empty()),
+            "{report:#}"
+        );
+        let lines = tollgate::demo::demo_curl_lines(gw.running.listen);
+        let body = lines
+            .lines()
+            .find(|l| l.starts_with("curl") && l.contains("tools/call"))
+            .and_then(|l| l.split_once(" -d '"))
+            .and_then(|(_, b)| b.strip_suffix('\''))
+            .expect("a printed tools/call line");
+        let v: Value = gw
+            .http
+            .post(gw.url("/mcp"))
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["result"]["content"][0]["text"], "13", "{v}");
     })
     .await;
 }

@@ -164,10 +164,12 @@ fn mcp_benches(c: &mut Criterion) {
             ToolRule {
                 name: "search_*".into(),
                 roles: vec![Arc::from("user")],
+                rate_limit: None,
             },
             ToolRule {
                 name: "delete_*".into(),
                 roles: vec![Arc::from("admin")],
+                rate_limit: None,
             },
         ],
         deny_unlisted: true,

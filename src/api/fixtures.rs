@@ -73,6 +73,7 @@ impl RouteBuilder {
             url: Some(url.into()),
             weight: None,
             canary: false,
+            mcp: None,
         });
         self
     }
@@ -83,6 +84,7 @@ impl RouteBuilder {
             url: None,
             weight: Some(weight),
             canary: false,
+            mcp: None,
         });
         self
     }

@@ -112,6 +112,33 @@ pub struct McpToolRule {
     /// The caller's key must hold one of these.
     #[schemars(length(min = 1, max = 32))]
     pub roles: Vec<String>,
+    /// Calls of the matching tools each client may make, per tool, on this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<McpToolRateLimit>,
+}
+
+/// A per-tool request limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpToolRateLimit {
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: u32,
+    /// Bucket capacity; default `requestsPerMinute`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+}
+
+/// A backend of an MCP route that federates several servers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendMcp {
+    /// Its tools are listed as `<prefix>__<tool>`; every backend of the route needs one.
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$"),
+        length(max = 64)
+    )]
+    pub prefix: String,
 }
 
 /// What a request must match.
@@ -319,6 +346,9 @@ pub struct Backend {
     /// Canary backends are steered by `canaryHeader`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
+    /// MCP federation (`protocol: mcp`): this backend is one server among several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<BackendMcp>,
 }
 
 /// Cross-origin rules; preflights are answered by the gateway.

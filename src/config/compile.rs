@@ -530,6 +530,7 @@ fn compile_route<'a>(
         out.push(RouteProblem::McpMethods);
     }
     let mcp_tools = compile_mcp(spec, strings, &mut out);
+    let mcp_federation = compile_federation(spec, &mut out);
     let conditions = headers.len() as u32 + u32::from(body_field.is_some());
     let timeouts = compile_timeouts(spec, &mut out);
     let retry = compile_retry(spec, &mut out);
@@ -573,6 +574,7 @@ fn compile_route<'a>(
         sticky: spec.sticky.unwrap_or(Sticky::None),
         load_balancer: spec.load_balancer.unwrap_or_default(),
         mcp_tools,
+        mcp_federation,
         weighted: crate::balance::weighted::WeightedBackends::with_identities(
             backends
                 .iter()
@@ -610,6 +612,13 @@ fn compile_mcp<'a>(
         rules.push(crate::mcp::tools::ToolRule {
             name: rule.name.clone(),
             roles: rule.roles.iter().map(|r| strings.get(r)).collect(),
+            rate_limit: rule
+                .rate_limit
+                .as_ref()
+                .map(|l| crate::mcp::tools::ToolLimit {
+                    per_minute: l.requests_per_minute.max(1),
+                    burst: l.burst.unwrap_or(l.requests_per_minute).max(1),
+                }),
         });
     }
     if rules.is_empty() && !policy.deny_unlisted {
@@ -620,6 +629,55 @@ fn compile_mcp<'a>(
         rules,
         deny_unlisted: policy.deny_unlisted,
     }))
+}
+
+/// `mcp.prefix` on backends: with one on every backend, the route federates several servers.
+fn compile_federation(
+    spec: &AgentRouteSpec,
+    out: &mut Vec<RouteProblem>,
+) -> Option<Arc<crate::mcp::Federation>> {
+    let prefixed = spec.backends.iter().filter(|b| b.mcp.is_some()).count();
+    if prefixed == 0 {
+        return None;
+    }
+    if spec.protocol != crate::api::Protocol::Mcp {
+        out.push(RouteProblem::McpPrefix(
+            "mcp.prefix is for backends of routes with protocol mcp",
+        ));
+        return None;
+    }
+    if prefixed != spec.backends.len() {
+        out.push(RouteProblem::McpPrefix(
+            "mcp.prefix must be set on every backend or on none",
+        ));
+        return None;
+    }
+    let mut servers: Vec<crate::mcp::FederatedServer> = Vec::with_capacity(prefixed);
+    for (backend, b) in spec.backends.iter().enumerate() {
+        let prefix = b.mcp.as_ref().map_or("", |m| m.prefix.as_str());
+        let shape = !prefix.is_empty()
+            && !prefix.contains("__")
+            && prefix
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-');
+        if !shape {
+            out.push(RouteProblem::McpPrefix(
+                "an mcp.prefix is letters, digits and '-'",
+            ));
+            return None;
+        }
+        if servers.iter().any(|s| &*s.prefix == prefix) {
+            out.push(RouteProblem::McpPrefix(
+                "two backends have the same mcp.prefix",
+            ));
+            return None;
+        }
+        servers.push(crate::mcp::FederatedServer {
+            prefix: Arc::from(prefix),
+            backend,
+        });
+    }
+    Some(Arc::new(crate::mcp::Federation { servers }))
 }
 
 /// What `spec.hosts` and `spec.match` compile to.

@@ -795,6 +795,7 @@ fn compile_rule_match(
         sticky: Sticky::None,
         load_balancer: LoadBalancer::default(),
         mcp_tools: None,
+        mcp_federation: None,
         conditions,
     })
 }

@@ -484,6 +484,7 @@ impl Ctx<'_> {
             sticky: Sticky::None,
             load_balancer: LoadBalancer::default(),
             mcp_tools: None,
+            mcp_federation: None,
             // Exact beats a prefix of the same path.
             conditions: u32::from(exact) << 24,
         })

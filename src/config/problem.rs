@@ -116,6 +116,9 @@ pub enum RouteProblem {
     McpNotMcp,
     #[error("a tool rule needs a name and at least one role")]
     McpToolRule { index: usize },
+    /// Federation: some backends have `mcp.prefix` and others not, or a prefix repeats.
+    #[error("{0}")]
+    McpPrefix(&'static str),
     /// An older route serves the same prefix, hosts and conditions.
     #[error("prefix {prefix} on the same hosts and conditions is already served by {winner}")]
     Conflicted { prefix: String, winner: Arc<str> },
@@ -143,6 +146,7 @@ impl RouteProblem {
             Self::McpMethods => "spec.match.methods".into(),
             Self::McpNotMcp => "spec.mcp".into(),
             Self::McpToolRule { index } => format!("spec.mcp.tools[{index}]").into(),
+            Self::McpPrefix(_) => "spec.backends".into(),
             Self::MatchHeader { index } => format!("spec.match.headers[{index}]").into(),
             Self::BodyField => "spec.match.bodyField".into(),
             Self::Duration { field, .. } => (*field).into(),

@@ -308,6 +308,8 @@ pub struct CompiledRoute {
     pub load_balancer: LoadBalancer,
     /// Tool access of an MCP route (`mcp`), when it has one.
     pub mcp_tools: Option<Arc<crate::mcp::ToolAccess>>,
+    /// The servers of a federating MCP route (every backend has `mcp.prefix`), when it is one.
+    pub mcp_federation: Option<Arc<crate::mcp::Federation>>,
     /// The weighted (canary, sticky) pick over `backends`.
     #[serde(skip)]
     pub weighted: crate::balance::weighted::WeightedBackends,

@@ -285,3 +285,55 @@ fn rewrite_replaces_the_prefix() {
     assert_eq!(route.rewrite_path("/api/v1/chat"), "/handle");
     assert_eq!(route.rewrite_path("/api/v1/chat/x/y"), "/handle/x/y");
 }
+
+#[test]
+fn federation_needs_a_distinct_prefix_on_every_backend_of_an_mcp_route() {
+    let fed = |name: &str, prefixes: &[Option<&str>], protocol: crate::api::Protocol| {
+        let mut b = RouteBuilder::new(name).prefix(&format!("/{name}"));
+        for (i, _) in prefixes.iter().enumerate() {
+            b = b.url(&format!("http://127.0.0.1:{}", 9000 + i));
+        }
+        let mut r = b.build();
+        r.spec.protocol = protocol;
+        for (backend, p) in r.spec.backends.iter_mut().zip(prefixes) {
+            backend.mcp = p.map(|p| crate::api::BackendMcp { prefix: p.into() });
+        }
+        r
+    };
+    use crate::api::Protocol::{Http, Mcp};
+    let mut st = Store::default();
+    st.routes
+        .push(fed("ok", &[Some("github"), Some("jira")], Mcp));
+    st.routes.push(fed("replicas", &[None, None], Mcp));
+    st.routes.push(fed("mixed", &[Some("github"), None], Mcp));
+    st.routes.push(fed("twice", &[Some("a"), Some("a")], Mcp));
+    st.routes.push(fed("sep", &[Some("a__b")], Mcp));
+    st.routes.push(fed("http", &[Some("a")], Http));
+    let s = snap(&st);
+    let names: Vec<&str> = s.routes.routes().iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let ok = s.routes.routes().iter().find(|r| r.name == "ok").unwrap();
+    let servers = &ok.mcp_federation.as_ref().unwrap().servers;
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| (&*s.prefix, s.backend))
+            .collect::<Vec<_>>(),
+        [("github", 0), ("jira", 1)]
+    );
+    let replicas = s
+        .routes
+        .routes()
+        .iter()
+        .find(|r| r.name == "replicas")
+        .unwrap();
+    assert!(replicas.mcp_federation.is_none());
+    for bad in ["mixed", "twice", "sep", "http"] {
+        let p = s
+            .problems
+            .iter()
+            .find(|p| &*p.object.name == bad)
+            .unwrap_or_else(|| panic!("{bad} is reported"));
+        assert_eq!(p.field, "spec.backends", "{bad}");
+    }
+}

@@ -41,6 +41,7 @@ pub fn demo_config_yaml(svc: &DemoServices) -> String {
     let tools = url(svc.tools);
     let rag = url(svc.rag);
     let memory = url(svc.memory);
+    let mcp = url(svc.mcp);
     let admin_hash = key_hash(DEMO_ADMIN_KEY);
     let route = |name: &str, body: &str, backend: &str| {
         format!(
@@ -177,6 +178,21 @@ spec:
 ",
         &memory,
     ));
+    out.push_str(&route(
+        "mcp",
+        "  match:
+    pathPrefix: /mcp
+  protocol: mcp
+  timeouts:
+    idle: 5m
+  mcp:
+    tools:
+      - {name: add, roles: [user], rateLimit: {requestsPerMinute: 30}}
+      - {name: \"search_*\", roles: [user]}
+    denyUnlisted: true
+",
+        &mcp,
+    ));
     out
 }
 
@@ -205,6 +221,9 @@ curl -s '{base}/api/v1/search?q=rate+limits+per+client' {user}
 # Memory: store a note in session s1, then read the session back
 curl -s {base}/api/v1/memory/s1 {user} {json} -d '{{\"note\":\"prefers short answers\"}}'
 curl -s {base}/api/v1/memory/s1 {user}
+# MCP: the demo MCP server's two tools, then a call of one (or point any MCP client at {base}/mcp with the X-API-Key header)
+curl -s {base}/mcp {user} {json} -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}}'
+curl -s {base}/mcp {user} {json} -d '{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{{\"name\":\"add\",\"arguments\":{{\"a\":6,\"b\":7}}}}}}'
 # No key: 401
 curl -s -i {base}/api/v1/chat {json} -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'
 # WebSocket echo (needs websocat; the key may also ride in the api_key query parameter)
@@ -260,6 +279,7 @@ mod tests {
             ("AgentRoute", "tools"),
             ("AgentRoute", "search"),
             ("AgentRoute", "memory"),
+            ("AgentRoute", "mcp"),
         ];
         let expected: Vec<(String, String)> = expected
             .iter()
@@ -306,6 +326,10 @@ mod tests {
         let ws = route("chat-ws");
         assert_eq!(ws["protocol"], "websocket");
         assert_eq!(ws["rewrite"]["pathPrefix"], "/ws");
+        let mcp = route("mcp");
+        assert_eq!(mcp["protocol"], "mcp");
+        assert_eq!(mcp["mcp"]["tools"][0]["name"], "add");
+        assert_eq!(port_of(&mcp["backends"][0]["url"]), svc.mcp.port());
         let tools = route("tools");
         assert_eq!(tools["auth"]["roles"][0], "admin");
         assert_eq!(tools["retry"]["attempts"], 2);

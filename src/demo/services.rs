@@ -66,6 +66,9 @@ pub struct DemoServices {
     pub rag: SocketAddr,
     /// Memory store: `GET|POST|DELETE /memory/{session}`, `GET /memory`.
     pub memory: SocketAddr,
+    /// An MCP server (Streamable HTTP, JSON answers, sessions) at `/mcp` with two tools:
+    /// `add` and `search_docs` (the RAG corpus).
+    pub mcp: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -77,6 +80,7 @@ impl std::fmt::Debug for DemoServices {
             .field("tools", &self.tools)
             .field("rag", &self.rag)
             .field("memory", &self.memory)
+            .field("mcp", &self.mcp)
             .finish_non_exhaustive()
     }
 }
@@ -94,14 +98,21 @@ impl DemoServices {
 /// Starts the four demo services on 127.0.0.1 with ports chosen by the system.
 pub async fn spawn_demo_services(opts: DemoOptions) -> std::io::Result<DemoServices> {
     let (stop, stopped) = watch::channel(false);
-    let mut tasks = Vec::with_capacity(4);
-    let mut addrs = Vec::with_capacity(4);
-    for kind in [Kind::Conversation, Kind::Tools, Kind::Rag, Kind::Memory] {
+    let mut tasks = Vec::with_capacity(5);
+    let mut addrs = Vec::with_capacity(5);
+    for kind in [
+        Kind::Conversation,
+        Kind::Tools,
+        Kind::Rag,
+        Kind::Memory,
+        Kind::Mcp,
+    ] {
         let state = Arc::new(State {
             kind,
             token_delay: opts.token_delay,
             seq: AtomicU64::new(1),
             memory: Mutex::new(HashMap::new()),
+            mcp_sessions: Mutex::new(HashSet::new()),
             stop: stopped.clone(),
         });
         match serve(state).await {
@@ -115,14 +126,15 @@ pub async fn spawn_demo_services(opts: DemoOptions) -> std::io::Result<DemoServi
             }
         }
     }
-    let [conversation, tools, rag, memory] = <[SocketAddr; 4]>::try_from(addrs)
+    let [conversation, tools, rag, memory, mcp] = <[SocketAddr; 5]>::try_from(addrs)
         .map_err(|_| std::io::Error::other("demo services did not all start"))?;
-    tracing::debug!(%conversation, %tools, %rag, %memory, "demo services listening");
+    tracing::debug!(%conversation, %tools, %rag, %memory, %mcp, "demo services listening");
     Ok(DemoServices {
         conversation,
         tools,
         rag,
         memory,
+        mcp,
         stop,
         tasks,
     })
@@ -134,6 +146,7 @@ enum Kind {
     Tools,
     Rag,
     Memory,
+    Mcp,
 }
 
 impl Kind {
@@ -143,6 +156,7 @@ impl Kind {
             Kind::Tools => "tools",
             Kind::Rag => "rag",
             Kind::Memory => "memory",
+            Kind::Mcp => "mcp",
         }
     }
 }
@@ -162,6 +176,8 @@ struct State {
     seq: AtomicU64,
     /// (client id, session) → items; used by the memory service only.
     memory: Mutex<HashMap<(String, String), Session>>,
+    /// The MCP sessions this server handed out (the mcp service only).
+    mcp_sessions: Mutex<HashSet<String>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -320,6 +336,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             Kind::Tools => tools(&state, req, &seen).await,
             Kind::Rag => rag(req, &seen).await,
             Kind::Memory => memory(&state, req, &seen).await,
+            Kind::Mcp => mcp(&state, req, &seen).await,
         }
     };
     seen.annotate(resp.headers_mut());
@@ -955,6 +972,157 @@ fn search(query: &str, top_k: usize) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// MCP server
+
+/// Protocol versions the demo MCP server speaks (the client's, when it is one of them).
+const MCP_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+
+/// `POST /mcp`: one JSON-RPC message, answered with JSON. `initialize` hands out a session id
+/// that later requests may carry (an unknown one is 404, as the spec asks); DELETE ends it;
+/// GET is 405 (no server stream).
+async fn mcp(state: &State, req: Request<Incoming>, seen: &Seen) -> Response<Body> {
+    if !under(req.uri().path(), "/mcp") {
+        return not_found(seen);
+    }
+    let session = req
+        .headers()
+        .get("mcp-session-id")
+        .map(text)
+        .filter(|s| !s.is_empty());
+    let known = |s: &str| {
+        state
+            .mcp_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(s)
+    };
+    if let Some(s) = &session {
+        if !known(s) {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"jsonrpc": "2.0", "id": null,
+                        "error": {"code": -32001, "message": "Session not found"}}),
+            );
+        }
+    }
+    match *req.method() {
+        Method::POST => {}
+        Method::DELETE => {
+            if let Some(s) = &session {
+                state
+                    .mcp_sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(s);
+            }
+            return plain(StatusCode::OK, "");
+        }
+        _ => return method_not_allowed("POST, DELETE"),
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let rpc_error = |status: StatusCode, id: &Value, code: i64, message: &str| {
+        json_response(
+            status,
+            &json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}),
+        )
+    };
+    let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(&body) else {
+        return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, -32700, "Parse error");
+    };
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+    if id.is_null() {
+        // A notification (or an answer): accepted, nothing to say.
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::ACCEPTED;
+        return resp;
+    }
+    let params = msg.get("params").cloned().unwrap_or(Value::Null);
+    let result = match method {
+        "initialize" => {
+            let asked = params.get("protocolVersion").and_then(Value::as_str);
+            let version = asked
+                .filter(|v| MCP_VERSIONS.contains(v))
+                .unwrap_or(MCP_VERSIONS[0]);
+            let sid = format!("{:032x}", rand::random::<u128>());
+            state
+                .mcp_sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sid.clone());
+            let mut resp = json_response(
+                StatusCode::OK,
+                &json!({"jsonrpc": "2.0", "id": id, "result": {
+                    "protocolVersion": version,
+                    "capabilities": {"tools": {"listChanged": false}},
+                    "serverInfo": {"name": "tollgate-demo-mcp", "version": env!("CARGO_PKG_VERSION")},
+                    "instructions": "Demo tools: add two numbers, search the demo documents."}}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&sid) {
+                resp.headers_mut().insert("mcp-session-id", v);
+            }
+            return resp;
+        }
+        "ping" => json!({}),
+        "tools/list" => json!({"tools": [
+            {"name": "add", "description": "Adds two numbers.",
+             "inputSchema": {"type": "object", "required": ["a", "b"],
+                             "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}},
+            {"name": "search_docs", "description": "Searches the demo documents (the RAG corpus).",
+             "inputSchema": {"type": "object", "required": ["query"],
+                             "properties": {"query": {"type": "string"}}}},
+        ]}),
+        "tools/call" => {
+            let args = params.get("arguments").cloned().unwrap_or(Value::Null);
+            let tool_text = match params.get("name").and_then(Value::as_str) {
+                Some("add") => {
+                    let (a, b) = (
+                        args.get("a").and_then(Value::as_f64),
+                        args.get("b").and_then(Value::as_f64),
+                    );
+                    match (a, b) {
+                        (Some(a), Some(b)) => Ok(format_number(a + b)),
+                        _ => Err("add needs numbers a and b"),
+                    }
+                }
+                Some("search_docs") => match args.get("query").and_then(Value::as_str) {
+                    Some(q) => Ok(search(q, 3)
+                        .iter()
+                        .filter_map(|d| d.get("title").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join("; ")),
+                    None => Err("search_docs needs a query"),
+                },
+                _ => {
+                    return rpc_error(StatusCode::OK, &id, -32602, "Unknown tool");
+                }
+            };
+            match tool_text {
+                Ok(t) => json!({"content": [{"type": "text", "text": t}], "isError": false}),
+                Err(e) => json!({"content": [{"type": "text", "text": e}], "isError": true}),
+            }
+        }
+        _ => return rpc_error(StatusCode::OK, &id, -32601, "Method not found"),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"jsonrpc": "2.0", "id": id, "result": result}),
+    )
+}
+
+/// A whole number without `.0`; others as they are.
+fn format_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
 }
 
 /// The first value of `name` in a query string, percent-decoded (`+` is a space).

@@ -2,11 +2,13 @@
 //! ids ([`session`]), and the JSON-RPC facts the gateway reads or answers with. The request path
 //! itself is the `mcp` phase of `proxy`; nothing here knows HTTP or hyper.
 
+pub mod federation;
 pub mod session;
 pub mod tools;
 
 use serde_json::Value;
 
+pub use federation::{FederatedServer, Federation};
 pub use session::{SessionKeys, SessionTarget};
 pub use tools::ToolAccess;
 
@@ -61,6 +63,14 @@ pub mod code {
     pub const SESSION_NOT_FOUND: i64 = -32001;
     /// The caller may not use this tool.
     pub const TOOL_FORBIDDEN: i64 = -32003;
+    /// The caller has used up its calls of this tool for now (`mcp.tools[].rateLimit`).
+    pub const TOOL_RATE_LIMITED: i64 = -32004;
+    /// A federated server that cannot be reached (the others still answer).
+    pub const SERVER_UNAVAILABLE: i64 = -32005;
+    /// No server of a federating route has this tool.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// A method a federating route does not route.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
 }
 
 /// A JSON-RPC error object, with the request's id where it has one (else `null`).

@@ -11,6 +11,25 @@ use serde_json::Value;
 pub struct ToolRule {
     pub name: String,
     pub roles: Vec<Arc<str>>,
+    /// Calls per client, per tool, per route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<ToolLimit>,
+}
+
+/// A rule's `rateLimit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolLimit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// What the rules say about one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolVerdict {
+    /// Allowed, within this limit when the deciding rule has one.
+    Allowed(Option<ToolLimit>),
+    Forbidden,
 }
 
 /// The compiled `mcp` policy of a route.
@@ -25,9 +44,18 @@ impl ToolAccess {
     /// Whether a caller holding `roles` may see and call `tool`: the first rule whose glob
     /// matches decides; no rule matches: allowed unless `denyUnlisted`.
     pub fn allows(&self, tool: &str, roles: &[Arc<str>]) -> bool {
+        self.verdict(tool, roles) != ToolVerdict::Forbidden
+    }
+
+    /// [`Self::allows`], with the deciding rule's request limit.
+    pub fn verdict(&self, tool: &str, roles: &[Arc<str>]) -> ToolVerdict {
         match self.rules.iter().find(|r| glob(&r.name, tool)) {
-            Some(rule) => rule.roles.iter().any(|r| roles.contains(r)),
-            None => !self.deny_unlisted,
+            Some(rule) if rule.roles.iter().any(|r| roles.contains(r)) => {
+                ToolVerdict::Allowed(rule.rate_limit)
+            }
+            Some(_) => ToolVerdict::Forbidden,
+            None if self.deny_unlisted => ToolVerdict::Forbidden,
+            None => ToolVerdict::Allowed(None),
         }
     }
 
@@ -213,10 +241,15 @@ mod tests {
                 ToolRule {
                     name: "search_*".into(),
                     roles: vec!["user".into(), "admin".into()],
+                    rate_limit: None,
                 },
                 ToolRule {
                     name: "delete_*".into(),
                     roles: vec!["admin".into()],
+                    rate_limit: Some(ToolLimit {
+                        per_minute: 10,
+                        burst: 2,
+                    }),
                 },
             ],
             deny_unlisted,
@@ -250,6 +283,19 @@ mod tests {
         assert!(open.allows("whoami", &user));
         assert!(open.allows("whoami", &roles(&[])));
         assert!(!access(true).allows("whoami", &admin));
+        let limit = ToolLimit {
+            per_minute: 10,
+            burst: 2,
+        };
+        assert_eq!(
+            open.verdict("delete_repo", &admin),
+            ToolVerdict::Allowed(Some(limit))
+        );
+        assert_eq!(
+            open.verdict("search_docs", &user),
+            ToolVerdict::Allowed(None)
+        );
+        assert_eq!(open.verdict("delete_repo", &user), ToolVerdict::Forbidden);
     }
 
     fn list() -> Value {

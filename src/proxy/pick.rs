@@ -61,6 +61,18 @@ pub fn pick_upstream<'a>(
             ProxyError::NoEndpoint
         }
     })?;
+    pick_in_backend(gw, snap, route, idx, sticky, tried)
+}
+
+/// An endpoint of backend `idx` by the route's balancing policy (or the sticky client's).
+pub fn pick_in_backend<'a>(
+    gw: &Gateway,
+    snap: &Snapshot,
+    route: &'a CompiledRoute,
+    idx: usize,
+    sticky: Option<&str>,
+    tried: &[SocketAddr],
+) -> Result<Picked<'a>, ProxyError> {
     let backend = route.backends.get(idx).ok_or(ProxyError::NoEndpoint)?;
     let set = snap
         .endpoints

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub mcp_requests_total: IntCounterVec,
     /// MCP tool calls by tool (at most [`MCP_TOOL_LABELS`] names per route) and outcome.
     pub mcp_tool_calls_total: IntCounterVec,
+    /// Federated MCP servers that could not be reached, by prefix (the others went on).
+    pub mcp_server_unavailable_total: IntCounterVec,
     /// The tool names each route has used as labels so far.
     pub mcp_tool_labels:
         std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
@@ -193,6 +195,11 @@ impl Metrics {
                 "tollgate_mcp_tool_calls_total",
                 "MCP tools/call requests by tool and outcome",
                 &["route", "tool", "outcome"],
+            )?,
+            mcp_server_unavailable_total: counter(
+                "tollgate_mcp_server_unavailable_total",
+                "Requests a federated MCP server of the route could not answer, by its prefix",
+                &["route", "server"],
             )?,
             mcp_tool_labels: std::sync::Mutex::default(),
             config_reloads_total: counter(

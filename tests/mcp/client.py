@@ -7,6 +7,15 @@ tests. Prints one JSON line with what happened; exits 0 even when sessions fail 
       goes to the next one in turn (a client switching gateway replica mid-session).
   client.py stateless URL
       One 2026-07-28 exchange: server/discover, tools/list, tools/call (no session).
+  client.py federation URL legacy|modern PID
+      One session through a federating route whose servers are a, b and c: the handshake
+      (initialize, or 2026-07-28 server/discover), list_tools, each server's whoami; then kills
+      process PID (server c) and lists and calls again, an unknown tool included.
+  client.py limited-key URL CALLS API_KEY
+      A session calling delete_repo CALLS times (some refused by a per-tool limit), then
+      search_docs: which calls passed, which failed and with what code.
+  client.py demo URL API_KEY
+      A session with `tollgate demo`'s MCP server: list_tools, add(6, 7), search_docs.
   client.py tools URL API_KEY
       A session with this key: list_tools, a call of delete_repo (which may be refused), then a
       call of search_docs in the same session.
@@ -15,6 +24,8 @@ tests. Prints one JSON line with what happened; exits 0 even when sessions fail 
 import asyncio
 import itertools
 import json
+import os
+import signal
 import sys
 import traceback
 
@@ -109,12 +120,77 @@ async def tools(url, key):
                 print(json.dumps({"tools": listed, "delete": delete, "after": after}))
 
 
+def code_of(e):
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return getattr(getattr(e, "error", None), "code", None)
+
+
+async def attempt(coro):
+    try:
+        r = await coro
+        return {"ok": text(r), "is_error": bool(r.is_error)}
+    except Exception as e:  # noqa: BLE001 - the error is what is tested
+        return {"code": code_of(e), "error": describe(e)}
+
+
+async def federation(url, era, pid):
+    async with httpx2.AsyncClient(timeout=15) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as s:
+                if era == "legacy":
+                    init = await s.initialize()
+                    hello = {"server": init.server_info.name}
+                else:
+                    d = await s.discover()
+                    hello = {"supported": list(d.supported_versions)}
+                before = sorted(t.name for t in (await s.list_tools()).tools)
+                who = {p: text(await s.call_tool(f"{p}__whoami", {})) for p in "abc"}
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(0.5)
+                after = sorted(t.name for t in (await s.list_tools()).tools)
+                calls = {}
+                for name, args in [("a__whoami", {}), ("c__whoami", {}), ("b__add", {"a": 2, "b": 3}),
+                                   ("nosuch__whoami", {}), ("whoami", {}), ("a__whoami", {})]:
+                    key = name if name not in calls else name + "#2"
+                    calls[key] = await attempt(s.call_tool(name, args))
+                print(json.dumps({"version": s.protocol_version, **hello, "before": before,
+                                  "who": who, "after": after, "calls": calls}))
+
+
+async def limited(url, n, key):
+    async with httpx2.AsyncClient(timeout=15, headers={"x-api-key": key}) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                results = [await attempt(s.call_tool("delete_repo", {"repo": str(i)})) for i in range(n)]
+                after = await attempt(s.call_tool("search_docs", {"query": "q"}))
+                print(json.dumps({"results": results, "after": after}))
+
+
+async def demo(url, key):
+    async with httpx2.AsyncClient(timeout=15, headers={"x-api-key": key}) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                listed = sorted(t.name for t in (await s.list_tools()).tools)
+                add = text(await s.call_tool("add", {"a": 6, "b": 7}))
+                search = text(await s.call_tool("search_docs", {"query": "rate limits"}))
+                print(json.dumps({"tools": listed, "add": add, "search": search}))
+
+
 def main():
     mode = sys.argv[1]
     if mode == "sessions":
         asyncio.run(sessions(sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])))
     elif mode == "tools":
         asyncio.run(tools(sys.argv[2], sys.argv[3]))
+    elif mode == "federation":
+        asyncio.run(federation(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    elif mode == "demo":
+        asyncio.run(demo(sys.argv[2], sys.argv[3]))
+    elif mode == "limited-key":
+        asyncio.run(limited(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
     elif mode == "stateless":
         asyncio.run(stateless(sys.argv[2]))
     else:

@@ -71,6 +71,11 @@ impl McpServer {
         }
     }
 
+    /// The server's process id (a test may kill it mid-session).
+    pub fn pid(&self) -> u32 {
+        self._child.id().unwrap_or(0)
+    }
+
     /// `http://127.0.0.1:<port>`: the backend url of a route.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

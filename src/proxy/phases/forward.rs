@@ -52,14 +52,7 @@ pub(crate) async fn run(
     } else {
         1
     };
-    let path = cx
-        .normalized
-        .as_deref()
-        .unwrap_or_else(|| cx.head.uri.path());
-    let path = match route.filters.as_ref().and_then(|f| f.full_path.as_deref()) {
-        Some(full) => std::borrow::Cow::Borrowed(full),
-        None => route.rewrite_path(path),
-    };
+    let path = upstream_path(cx.normalized.as_deref(), &cx.head.uri, route);
     let query = outbound::query(&cx.head.uri, cx.carrier);
     let deadline = route.timeouts.request.map(|d| cx.started + d);
     // Only filled when another attempt may follow (no allocation for a single attempt).
@@ -147,8 +140,21 @@ pub(crate) async fn run(
     }
 }
 
+/// The path the upstream is sent (the route's rewrite or filters applied).
+pub(crate) fn upstream_path<'a>(
+    normalized: Option<&'a str>,
+    uri: &'a http::Uri,
+    route: &'a CompiledRoute,
+) -> std::borrow::Cow<'a, str> {
+    let path = normalized.unwrap_or_else(|| uri.path());
+    match route.filters.as_ref().and_then(|f| f.full_path.as_deref()) {
+        Some(full) => std::borrow::Cow::Borrowed(full),
+        None => route.rewrite_path(path),
+    }
+}
+
 /// One attempt: the upstream's response head within the first-byte timeout and the deadline.
-async fn send(
+pub(crate) async fn send(
     gw: &Gateway,
     to: &Connect,
     up: Request<ProxyBody>,

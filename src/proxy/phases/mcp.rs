@@ -24,17 +24,19 @@ use http::{Method, Response, StatusCode};
 use super::forward::{self, Forwarded, Pin};
 use super::respond;
 use crate::config::route::CompiledRoute;
-use crate::mcp::tools::ListFilter;
+use crate::mcp::tools::{ListFilter, ToolVerdict};
 use crate::mcp::{self, SessionTarget, ToolAccess};
 use crate::proxy::body::{BodyError, BodyMap};
 use crate::proxy::context::RequestCtx;
 use crate::proxy::{ProxyBody, ProxyError};
+use crate::ratelimit::{BucketSpec, Decision};
 
 /// What the metrics of an MCP request say about it.
 struct Seen {
     method: &'static str,
     tool: Option<String>,
     tool_forbidden: bool,
+    tool_rate_limited: bool,
     session_refused: bool,
 }
 
@@ -57,6 +59,7 @@ pub(crate) async fn run(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         tool_forbidden: false,
+        tool_rate_limited: false,
         session_refused: false,
     };
     let answer = serve(cx, route, &mut seen).await;
@@ -66,6 +69,8 @@ pub(crate) async fn run(
     };
     let outcome = if seen.tool_forbidden {
         "tool_forbidden"
+    } else if seen.tool_rate_limited {
+        "tool_rate_limited"
     } else if seen.session_refused {
         "session_not_found"
     } else if status.is_success() {
@@ -102,8 +107,9 @@ async fn serve(
             "GET, POST, DELETE",
         )));
     }
-    if let (Some(access), &Method::POST) = (&route.mcp_tools, &cx.head.method) {
-        // Tool rules read the body, whatever the headers say.
+    // Tool rules and federation read the body, whatever the headers say.
+    let reads_body = route.mcp_tools.is_some() || route.mcp_federation.is_some();
+    if reads_body && cx.head.method == Method::POST {
         if let Err(e) = cx.body.buffer(cx.gw.options.max_inspect_bytes).await {
             return Ok(match e {
                 ProxyError::PayloadTooLarge => jsonrpc_error(
@@ -115,30 +121,26 @@ async fn serve(
                 other => return Err(other),
             });
         }
-        match read_message(cx) {
-            Err(refused) => return Ok(refused.answer()),
-            Ok(Some(message)) => {
-                seen.method = mcp::method_label(message.method.as_deref().unwrap_or("").as_bytes());
-                seen.tool.clone_from(&message.name);
-                if let Some(refused) = tool_decision(cx, access, &message) {
-                    seen.tool_forbidden = true;
-                    return Ok(refused);
-                }
-                if message.method.as_deref() == Some("tools/list") {
-                    list_filter = Some(access.clone());
-                }
+    }
+    let message = match read_message(cx) {
+        Err(refused) => return Ok(refused.answer()),
+        Ok(m) => m,
+    };
+    if let Some(message) = &message {
+        seen.method = mcp::method_label(message.method.as_deref().unwrap_or("").as_bytes());
+        seen.tool.clone_from(&message.name);
+        if let Some(access) = &route.mcp_tools {
+            if let Some(refused) = tool_decision(cx, route, access, message, seen).await {
+                return Ok(refused);
             }
-            Ok(None) => {}
-        }
-    } else {
-        match read_message(cx) {
-            Err(refused) => return Ok(refused.answer()),
-            Ok(Some(message)) => {
-                seen.method = mcp::method_label(message.method.as_deref().unwrap_or("").as_bytes());
-                seen.tool.clone_from(&message.name);
+            if message.method.as_deref() == Some("tools/list") {
+                list_filter = Some(access.clone());
             }
-            Ok(None) => {}
         }
+    }
+    if let Some(fed) = &route.mcp_federation {
+        return super::mcp_federation::serve(cx, route, fed, message, &mut seen.session_refused)
+            .await;
     }
     let Some(client_id) = cx.head.headers.get(mcp::SESSION_HEADER).cloned() else {
         // No session (initialize, or a stateless request): balanced, a new session sealed.
@@ -290,32 +292,86 @@ impl Refusal {
 }
 
 /// The caller's roles (none for an anonymous caller).
-fn caller_roles(cx: &RequestCtx<'_>) -> Arc<[Arc<str>]> {
+pub(super) fn caller_roles(cx: &RequestCtx<'_>) -> Arc<[Arc<str>]> {
     cx.caller
         .as_ref()
         .map_or_else(|| Arc::from([]), |c| c.key.roles.clone())
 }
 
-/// A `tools/call` of a tool the caller may not use: answered here, HTTP 200 with JSON-RPC
-/// error -32003 for that call alone (its session goes on), never forwarded.
-fn tool_decision(
-    cx: &RequestCtx<'_>,
+/// A `tools/call` of a tool the caller may not use, or has called too often: answered here,
+/// HTTP 200 with JSON-RPC error -32003 (-32004 for the limit) for that call alone (its session
+/// goes on), never forwarded.
+async fn tool_decision(
+    cx: &mut RequestCtx<'_>,
+    route: &CompiledRoute,
     access: &ToolAccess,
     message: &mcp::Message,
+    seen: &mut Seen,
 ) -> Option<Response<ProxyBody>> {
     if message.method.as_deref() != Some("tools/call") {
         return None;
     }
     let tool = message.name.as_deref().unwrap_or("");
-    if access.allows(tool, &caller_roles(cx)) {
+    let limit = match access.verdict(tool, &caller_roles(cx)) {
+        ToolVerdict::Forbidden => {
+            seen.tool_forbidden = true;
+            return Some(jsonrpc_error(
+                StatusCode::OK,
+                message.id.as_ref(),
+                mcp::code::TOOL_FORBIDDEN,
+                "Tool not allowed for this caller",
+            ));
+        }
+        ToolVerdict::Allowed(None) => return None,
+        ToolVerdict::Allowed(Some(limit)) => limit,
+    };
+    // Per client, per tool, per route: the bucket's route part names the tool too.
+    let client = match &cx.caller {
+        Some(c) => c.key.client_id.to_string(),
+        None => format!(
+            "ip:{}",
+            crate::proxy::headers::IpText::new(cx.conn.remote.ip()).as_str()
+        ),
+    };
+    let bucket = format!("{}\u{1f}tool:{tool}", route.id);
+    let decision = cx
+        .gw
+        .limiter
+        .check_requests(&[BucketSpec {
+            client: &client,
+            route: Some(&bucket),
+            per_minute: limit.per_minute,
+            burst: limit.burst,
+        }])
+        .await;
+    let Decision::Limited {
+        retry_after_secs, ..
+    } = decision
+    else {
         return None;
+    };
+    seen.tool_rate_limited = true;
+    cx.gw
+        .metrics
+        .rate_limited_total
+        .with_label_values(&[&route.id, "mcp_tool"])
+        .inc();
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": message.id.clone().unwrap_or(serde_json::Value::Null),
+        "error": {"code": mcp::code::TOOL_RATE_LIMITED,
+                  "message": "Tool rate limit exceeded",
+                  "data": {"retryAfterSeconds": retry_after_secs}},
+    });
+    let mut resp = Response::new(ProxyBody::full(body.to_string()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
-    Some(jsonrpc_error(
-        StatusCode::OK,
-        message.id.as_ref(),
-        mcp::code::TOOL_FORBIDDEN,
-        "Tool not allowed for this caller",
-    ))
+    Some(resp)
 }
 
 /// Cuts the answer to a `tools/list` to the tools the caller may use, JSON or SSE.
@@ -349,7 +405,7 @@ impl BodyMap for ListMap {
     }
 }
 
-fn jsonrpc_error(
+pub(super) fn jsonrpc_error(
     status: StatusCode,
     id: Option<&serde_json::Value>,
     code: i64,

@@ -21,6 +21,7 @@ pub(crate) mod filters;
 pub(crate) mod forward;
 pub(crate) mod limits;
 pub(crate) mod mcp;
+mod mcp_federation;
 pub(crate) mod respond;
 pub(crate) mod route_match;
 pub(crate) mod tokens;
