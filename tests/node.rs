@@ -1052,7 +1052,8 @@ fn scale_under_load(node: &Node, gateway: SocketAddr, base: &str) {
     let after = load.take_pods();
     let (stats, failures) = load.finish(&rt);
     eprintln!(
-        "scale 2 -> 6 -> 1 under load: {} requests in {:.1}s ({} failed, {} resent);          6 pods served after {:.1}s; a stream of 30 events on deleted pod {pod} finished",
+        "scale 2 -> 6 -> 1 under load: {} requests in {:.1}s ({} failed, {} resent); \
+         6 pods served after {:.1}s; a stream of 30 events on deleted pod {pod} finished",
         stats.requests,
         t.elapsed().as_secs_f64(),
         stats.failed,
@@ -1114,7 +1115,8 @@ fn gateway_pods(node: &Node) -> Vec<(String, String, bool)> {
 /// finishes.
 fn rolling_upgrade_under_load(node: &Node, gateway: SocketAddr, base: &str) {
     let version = env!("CARGO_PKG_VERSION");
-    let new_tag = format!("tollgate:{version}-upgrade");
+    // containerd keeps the imported image under its normalized name.
+    let new_tag = format!("docker.io/library/tollgate:{version}-upgrade");
     let mut cmd = Command::new("ctr");
     cmd.args([
         "--address",
@@ -1124,18 +1126,19 @@ fn rolling_upgrade_under_load(node: &Node, gateway: SocketAddr, base: &str) {
         "images",
         "tag",
         "--force",
-        &format!("tollgate:{version}"),
+        &format!("docker.io/library/tollgate:{version}"),
         &new_tag,
     ]);
     run_ok(cmd, "ctr images tag");
 
     let rt = load_runtime();
+    // ~50 req/s of HTTP/1.1 and ~10 of h2c: loops 100 ms apart.
     let h1 = Load::start(
         &rt,
         gateway,
         Proto::Http1,
         "/echo",
-        4,
+        5,
         Duration::from_millis(100),
     );
     let h2 = Load::start(
@@ -1147,6 +1150,7 @@ fn rolling_upgrade_under_load(node: &Node, gateway: SocketAddr, base: &str) {
         Duration::from_millis(100),
     );
     let streams = Streams::start(&rt, base, 3, 20);
+    let load_start = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
 
     let t = Instant::now();
@@ -1181,12 +1185,16 @@ fn rolling_upgrade_under_load(node: &Node, gateway: SocketAddr, base: &str) {
     );
     let rolled = t.elapsed();
     std::thread::sleep(Duration::from_secs(2));
+    let loaded = load_start.elapsed();
     let (s1, f1) = h1.finish(&rt);
     let (s2, f2) = h2.finish(&rt);
     let (streamed, stream_failures) = streams.finish(&rt);
     eprintln!(
-        "rolling upgrade under load: rolled in {:.1}s; HTTP/1.1 {} requests, {} failed,          {} resent, {} told close, {} connections; HTTP/2 {} requests, {} failed, {} resent,          {} connections; {} streams finished, {} failed",
+        "rolling upgrade under load: rolled in {:.1}s ({:.0} req/s); HTTP/1.1 {} requests, {} failed, \
+         {} resent, {} told close, {} connections; HTTP/2 {} requests, {} failed, {} resent, \
+         {} connections; {} streams finished, {} failed",
         rolled.as_secs_f64(),
+        (s1.requests + s2.requests) as f64 / loaded.as_secs_f64(),
         s1.requests,
         s1.failed,
         s1.resends,
@@ -1287,7 +1295,8 @@ fn hard_crash_takeover(node: &Node) {
     );
     let status = t.elapsed();
     eprintln!(
-        "leader {leader} SIGKILLed: {holder} ({how}) renewed the Lease after {:.1}s;          status written {:.1}s after the kill",
+        "leader {leader} SIGKILLed: {holder} ({how}) renewed the Lease after {:.1}s; \
+         status written {:.1}s after the kill",
         takeover.as_secs_f64(),
         status.as_secs_f64()
     );
