@@ -63,5 +63,14 @@ TOLLGATE_GATEWAY_API_CRDS="$(hack/gateway-api-crds.sh | tail -n 1)"
 export TOLLGATE_GATEWAY_API_CRDS
 echo "    $TOLLGATE_GATEWAY_API_CRDS"
 
+echo "==> Gateway API conformance, GATEWAY-HTTP core, against Tollgate on a node"
+# Records the suite's counts (fails only if the suite cannot run at all); needs the node and the
+# gateway image built above. Its log and report: target/tmp/gateway-conformance-out/.
+if [ -n "${TOLLGATE_GATEWAY_IMAGE:-}" ]; then
+  hack/gateway-conformance.sh
+else
+  echo "    skipped: ${node_check}"
+fi
+
 echo "==> cargo test"
 cargo test --locked "$@"

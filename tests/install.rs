@@ -755,29 +755,6 @@ fn examples_are_the_seeds_routes_and_pass_tollgate_check() {
 
 // ------------------------------------------------------------------------------ Dockerfile --
 
-/// The Dockerfile's instructions, continuation lines joined, comments dropped.
-fn dockerfile() -> Vec<(String, String)> {
-    let text = read("Dockerfile");
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
-            continue;
-        }
-        if let Some(stripped) = t.strip_suffix('\\') {
-            cur.push_str(stripped);
-            cur.push(' ');
-            continue;
-        }
-        cur.push_str(t);
-        let (inst, rest) = cur.split_once(' ').unwrap_or((&cur, ""));
-        out.push((inst.to_uppercase(), rest.trim().to_string()));
-        cur.clear();
-    }
-    out
-}
-
 fn version_tuple(v: &str) -> Vec<u32> {
     v.split('.')
         .map(|p| p.parse().expect("numeric version part"))
@@ -786,7 +763,7 @@ fn version_tuple(v: &str) -> Vec<u32> {
 
 #[test]
 fn dockerfile_agrees_with_the_repo_and_the_binary() {
-    let inst = dockerfile();
+    let inst = support::dockerfile::instructions();
     let froms: Vec<&String> = inst
         .iter()
         .filter(|(i, _)| i == "FROM")

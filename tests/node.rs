@@ -13,18 +13,24 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use support::keepalive::{KeepAlive, Proto, Stats};
 use support::process::{run_limited, run_ok};
 
 const TOLLGATE: &str = env!("CARGO_BIN_EXE_tollgate");
 const NS: &str = "tollgate-system";
 const APPS: &str = "agents-node";
 const KEY: &str = "node-test-key-0001";
+/// terminationGracePeriodSeconds of the LLM-style backend's pods.
+const STREAM_POD_GRACE: u32 = 20;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,39 +41,6 @@ fn hack(script: &str) -> Command {
 }
 
 // ------------------------------------------------------------------------------ the image --
-
-/// The Dockerfile's final stage: (instruction, argument), continuations joined, comments dropped.
-fn final_stage() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
-    let mut joined = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if t.starts_with('#') || (cur.is_empty() && t.is_empty()) {
-            continue;
-        }
-        match t.strip_suffix('\\') {
-            Some(head) => {
-                cur.push_str(head);
-                cur.push(' ');
-            }
-            None => {
-                cur.push_str(t);
-                joined.push(std::mem::take(&mut cur));
-            }
-        }
-    }
-    let mut stage = Vec::new();
-    for l in joined {
-        let (instr, arg) = l.split_once(' ').unwrap_or((&l, ""));
-        let instr = instr.to_ascii_uppercase();
-        if instr == "FROM" {
-            stage.clear();
-        }
-        stage.push((instr, arg.trim().to_string()));
-    }
-    stage
-}
 
 /// A docker-archive tar's config and its layer's entries (path -> `tar -tv` line).
 fn read_archive(tar: &Path) -> (Value, BTreeMap<String, String>) {
@@ -117,7 +90,7 @@ fn gateway_image_is_laid_out_as_the_dockerfile_says() {
     let _ = std::fs::remove_file(&out);
     let config = &image["config"];
 
-    let stage = final_stage();
+    let stage = support::dockerfile::final_stage();
     assert!(
         stage[0].1.contains("distroless/static") && stage[0].1.contains("nonroot"),
         "the image tool lays out a distroless static nonroot base; the Dockerfile says {:?}",
@@ -589,14 +562,17 @@ fn scenario(node: &Node) {
         2,
         json!([{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]),
     ));
-    node.apply(&deployment(
+    let mut llm = deployment(
         "llm",
         "tollgate-test/llm:1",
         1,
         json!([
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "CHUNKS", "value": "5"}, {"name": "DELAY_MS", "value": "150"}]),
-    ));
+    );
+    // Long enough for a stream on a deleted pod to finish (the backend ignores SIGTERM).
+    llm["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = json!(STREAM_POD_GRACE);
+    node.apply(&llm);
     node.apply(&service("echo"));
     node.apply(&service("llm"));
     node.apply(
@@ -728,7 +704,22 @@ fn scenario(node: &Node) {
         "events arrived over time, not at once: {spread:?}"
     );
 
-    // 4. Kill the leader: the other replica takes the Lease over and status writes resume.
+    let gateway_addr = SocketAddr::new(svc_ip.parse().expect("ClusterIP"), 80);
+
+    // 4. The echo backend scaled 2 -> 6 -> 1 under load, an LLM pod deleted mid-stream.
+    scale_under_load(node, gateway_addr, &base);
+
+    // 5. A rolling upgrade of the gateway under load, streams open.
+    rolling_upgrade_under_load(node, gateway_addr, &base);
+
+    // 6. kill -9 of the leader's process: the Lease is not released, status writes resume.
+    hard_crash_takeover(node);
+
+    // 7. Force-delete the leader pod: the other replica takes the Lease over and status
+    // writes resume.
+    let leader = wait(Duration::from_secs(30), "a pod holds the Lease", || {
+        node.lease_holder()
+    });
     let t = Instant::now();
     node.k(&[
         "-n",
@@ -754,15 +745,15 @@ fn scenario(node: &Node) {
     wait(
         Duration::from_secs(30),
         "the new leader writes status",
-        || route_ready(node, "after-takeover", 2),
+        || route_ready(node, "after-takeover", 1),
     );
     wait(
         Duration::from_secs(90),
         "the Deployment is back to two ready pods",
         || (node.ready_pods(NS, selector).len() == 2).then_some(()),
     );
-    // A fresh client: the old one's pooled connections may lead to the killed pod (answering a
-    // drain with `Connection: close` is issue 18's drain item, not checked here).
+    // A fresh client: the old one's pooled connections may lead to the force-deleted pod,
+    // which had no time to drain.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -779,4 +770,539 @@ fn scenario(node: &Node) {
     assert_eq!(ok, 200, "the new route serves");
 
     node.helm(&["uninstall", "tollgate", "--namespace", NS]);
+}
+
+// ------------------------------------------------------------------------- under load --
+
+fn load_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("load runtime")
+}
+
+/// Idempotent GETs through the gateway by a keep-alive pool: `workers` loops, each pausing
+/// `pause` between requests, until stopped. Records the pods that answered and every failure.
+struct Load {
+    pool: KeepAlive,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pods: Arc<Mutex<BTreeMap<String, u64>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+impl Load {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        addr: SocketAddr,
+        proto: Proto,
+        path: &str,
+        workers: usize,
+        pause: Duration,
+    ) -> Load {
+        let pool = KeepAlive::new(addr, proto);
+        let stop = Arc::new(AtomicBool::new(false));
+        let pods: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let tasks = (0..workers)
+            .map(|w| {
+                let (pool, stop, pods, failures) =
+                    (pool.clone(), stop.clone(), pods.clone(), failures.clone());
+                let path = path.to_string();
+                rt.spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let p = format!("{path}/{w}-{i}");
+                        match pool.get(&p, &[("x-api-key", KEY)]).await {
+                            Ok(r) if r.status == 200 => {
+                                let pod = serde_json::from_slice::<Value>(&r.body)
+                                    .ok()
+                                    .and_then(|v| v["pod"].as_str().map(str::to_string))
+                                    .unwrap_or_default();
+                                *lock(&pods).entry(pod).or_default() += 1;
+                            }
+                            Ok(r) => lock(&failures).push(format!("GET {p}: {}", r.status)),
+                            Err(e) => lock(&failures).push(format!("GET {p}: {e}")),
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            pool,
+            stop,
+            tasks,
+            pods,
+            failures,
+        }
+    }
+
+    /// The pods that answered since the last call, and how often.
+    fn take_pods(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *lock(&self.pods))
+    }
+
+    fn finish(self, rt: &tokio::runtime::Runtime) -> (Stats, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            rt.block_on(t).expect("load worker");
+        }
+        let failures = std::mem::take(&mut *lock(&self.failures));
+        (self.pool.stats(), failures)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One streamed chat completion of `tokens` events through the gateway: the pod that streamed
+/// it and the number of `data:` events, `[DONE]` included; `Err` if it did not end cleanly.
+async fn stream_once(
+    client: &reqwest::Client,
+    base: &str,
+    tokens: u32,
+    mut on_first: impl FnMut(&str),
+) -> Result<(String, usize), String> {
+    let body = format!(
+        r#"{{"model":"m","stream":true,"max_tokens":{tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    let mut resp = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("stream request: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("stream status {}", resp.status()));
+    }
+    let mut text = String::new();
+    let mut pod = None::<String>;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                text.push_str(&String::from_utf8_lossy(&c));
+                if pod.is_none() {
+                    if let Some(p) = text
+                        .split("\"pod\":\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                    {
+                        on_first(p);
+                        pod = Some(p.to_string());
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(format!(
+                    "stream cut after {} events: {e}",
+                    text.matches("data: ").count()
+                ))
+            }
+        }
+    }
+    let events = text.matches("data: ").count();
+    if !text.contains("data: [DONE]") {
+        return Err(format!("stream ended without [DONE] after {events} events"));
+    }
+    Ok((pod.unwrap_or_default(), events))
+}
+
+/// Streams opened one after another by `workers` loops until stopped: (completed, failures).
+struct Streams {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Streams {
+    fn start(rt: &tokio::runtime::Runtime, base: &str, workers: usize, tokens: u32) -> Streams {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, base) = (stop.clone(), base.to_string());
+                rt.spawn(async move {
+                    // Its own connections, as a separate client of the gateway would have.
+                    let client = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(30))
+                        .build()
+                        .expect("client");
+                    let (mut done, mut failed) = (0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        match stream_once(&client, &base, tokens, |_| {}).await {
+                            Ok((_, n)) if n == tokens as usize + 1 => done += 1,
+                            Ok((pod, n)) => failed.push(format!("{pod}: {n} events")),
+                            Err(e) => failed.push(e),
+                        }
+                    }
+                    (done, failed)
+                })
+            })
+            .collect();
+        Streams { stop, tasks }
+    }
+
+    fn finish(self, rt: &tokio::runtime::Runtime) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut done, mut failed) = (0, Vec::new());
+        for t in self.tasks {
+            let (d, f) = rt.block_on(t).expect("stream worker");
+            done += d;
+            failed.extend(f);
+        }
+        (done, failed)
+    }
+}
+
+fn scale_echo(node: &Node, replicas: u32) {
+    node.k(&[
+        "-n",
+        APPS,
+        "scale",
+        "deployment/echo",
+        &format!("--replicas={replicas}"),
+    ]);
+}
+
+/// Issue 18: the echo backend scaled 2 -> 6 -> 1 under ~50 req/s: no request fails, the new
+/// pods get traffic, the removed ones stop getting it. An LLM-style pod deleted mid-stream
+/// finishes the stream.
+fn scale_under_load(node: &Node, gateway: SocketAddr, base: &str) {
+    let rt = load_runtime();
+    let t = Instant::now();
+    // 5 loops, 100 ms apart: ~50 requests a second.
+    let load = Load::start(
+        &rt,
+        gateway,
+        Proto::Http1,
+        "/echo",
+        5,
+        Duration::from_millis(100),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before = load.take_pods();
+    assert_eq!(
+        before.len(),
+        2,
+        "the load reaches both echo pods: {before:?}"
+    );
+
+    scale_echo(node, 6);
+    wait(
+        Duration::from_secs(60),
+        "route echo with 6 ready endpoints",
+        || route_ready(node, "echo", 6),
+    );
+    load.take_pods();
+    let six = wait(
+        Duration::from_secs(20),
+        "the load reaches all 6 pods",
+        || {
+            std::thread::sleep(Duration::from_secs(1));
+            let seen = lock(&load.pods).clone();
+            (seen.len() == 6).then_some(seen)
+        },
+    );
+    assert_eq!(
+        six.keys().cloned().collect::<BTreeSet<_>>(),
+        slice_pods(node, "echo")
+    );
+    let at_six = t.elapsed();
+
+    // A stream from the LLM pod; the pod is deleted once the first event has arrived.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let deleted = Arc::new(Mutex::new(None::<String>));
+    let kubectl = node.env["KUBECTL"].clone();
+    let kubeconfig = node.env["KUBECONFIG"].clone();
+    let d = deleted.clone();
+    let (pod, events) = rt
+        .block_on(stream_once(&client, base, 30, move |pod| {
+            let out = Command::new(&kubectl)
+                .env("KUBECONFIG", &kubeconfig)
+                .args(["-n", APPS, "delete", "pod", pod, "--wait=false"])
+                .output();
+            assert!(
+                out.as_ref().is_ok_and(|o| o.status.success()),
+                "kubectl delete pod {pod}: {out:?}"
+            );
+            *lock(&d) = Some(pod.to_string());
+        }))
+        .expect("the stream on the deleted pod finishes");
+    assert_eq!(events, 31, "30 chunks and [DONE] from {pod}");
+    assert_eq!(lock(&deleted).as_deref(), Some(pod.as_str()));
+
+    scale_echo(node, 1);
+    wait(
+        Duration::from_secs(60),
+        "route echo with 1 ready endpoint",
+        || route_ready(node, "echo", 1),
+    );
+    // The removed pods are killed 2 s after their deletion (terminationGracePeriodSeconds).
+    std::thread::sleep(Duration::from_secs(3));
+    load.take_pods();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = load.take_pods();
+    let (stats, failures) = load.finish(&rt);
+    eprintln!(
+        "scale 2 -> 6 -> 1 under load: {} requests in {:.1}s ({} failed, {} resent); \
+         6 pods served after {:.1}s; a stream of 30 events on deleted pod {pod} finished",
+        stats.requests,
+        t.elapsed().as_secs_f64(),
+        stats.failed,
+        stats.resends,
+        at_six.as_secs_f64()
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(stats.failed, 0);
+    assert_eq!(
+        after.keys().cloned().collect::<BTreeSet<_>>(),
+        slice_pods(node, "echo"),
+        "only the remaining pod serves"
+    );
+    assert!(
+        stats.requests as f64 / t.elapsed().as_secs_f64() > 30.0,
+        "the load ran at ~50 req/s: {} in {:?}",
+        stats.requests,
+        t.elapsed()
+    );
+    wait(
+        Duration::from_secs(60),
+        "route llm with its new pod",
+        || route_ready(node, "llm", 1),
+    );
+}
+
+/// The gateway pods and their images: (name, image, being deleted).
+fn gateway_pods(node: &Node) -> Vec<(String, String, bool)> {
+    let pods = node.json(&[
+        "-n",
+        NS,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=tollgate",
+    ]);
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                !p["metadata"]["deletionTimestamp"].is_null(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 18: a rolling upgrade of the gateway (a new image tag) under ~50 req/s of HTTP/1.1
+/// and HTTP/2 keep-alive traffic with streams open: no request lost, none resent, every stream
+/// finishes.
+fn rolling_upgrade_under_load(node: &Node, gateway: SocketAddr, base: &str) {
+    let version = env!("CARGO_PKG_VERSION");
+    // containerd keeps the imported image under its normalized name.
+    let new_tag = format!("docker.io/library/tollgate:{version}-upgrade");
+    let mut cmd = Command::new("ctr");
+    cmd.args([
+        "--address",
+        &node.env["CONTAINERD_SOCK"],
+        "-n",
+        "k8s.io",
+        "images",
+        "tag",
+        "--force",
+        &format!("docker.io/library/tollgate:{version}"),
+        &new_tag,
+    ]);
+    run_ok(cmd, "ctr images tag");
+
+    let rt = load_runtime();
+    // ~50 req/s of HTTP/1.1 and ~10 of h2c: loops 100 ms apart.
+    let h1 = Load::start(
+        &rt,
+        gateway,
+        Proto::Http1,
+        "/echo",
+        5,
+        Duration::from_millis(100),
+    );
+    let h2 = Load::start(
+        &rt,
+        gateway,
+        Proto::Http2,
+        "/echo",
+        1,
+        Duration::from_millis(100),
+    );
+    let streams = Streams::start(&rt, base, 3, 20);
+    let load_start = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let t = Instant::now();
+    node.k(&[
+        "-n",
+        NS,
+        "set",
+        "image",
+        "deployment/tollgate",
+        &format!("tollgate={new_tag}"),
+    ]);
+    node.k(&[
+        "-n",
+        NS,
+        "rollout",
+        "status",
+        "deployment/tollgate",
+        "--timeout=180s",
+    ]);
+    // Done when only new pods are left: the old ones drained and exited.
+    wait(
+        Duration::from_secs(90),
+        "the old gateway pods are gone",
+        || {
+            let pods = gateway_pods(node);
+            (pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|(_, image, deleting)| *image == new_tag && !deleting))
+            .then_some(())
+        },
+    );
+    let rolled = t.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = load_start.elapsed();
+    let (s1, f1) = h1.finish(&rt);
+    let (s2, f2) = h2.finish(&rt);
+    let (streamed, stream_failures) = streams.finish(&rt);
+    eprintln!(
+        "rolling upgrade under load: rolled in {:.1}s ({:.0} req/s); HTTP/1.1 {} requests, {} failed, \
+         {} resent, {} told close, {} connections; HTTP/2 {} requests, {} failed, {} resent, \
+         {} connections; {} streams finished, {} failed",
+        rolled.as_secs_f64(),
+        (s1.requests + s2.requests) as f64 / loaded.as_secs_f64(),
+        s1.requests,
+        s1.failed,
+        s1.resends,
+        s1.told_close,
+        s1.connections,
+        s2.requests,
+        s2.failed,
+        s2.resends,
+        s2.connections,
+        streamed,
+        stream_failures.len()
+    );
+    assert!(
+        f1.is_empty() && f2.is_empty(),
+        "lost requests: {f1:?} {f2:?}"
+    );
+    assert_eq!((s1.failed, s2.failed), (0, 0), "no request lost");
+    assert_eq!((s1.resends, s2.resends), (0, 0), "no request resent");
+    assert!(
+        stream_failures.is_empty(),
+        "streams cut: {stream_failures:?}"
+    );
+    assert!(streamed >= 3, "streams ran through the upgrade: {streamed}");
+    assert!(
+        s1.told_close >= 1 && s1.connections >= 2,
+        "the old pods told their HTTP/1.1 clients Connection: close: {s1:?}"
+    );
+    assert!(
+        s2.connections >= 2,
+        "HTTP/2 moved to a new pod after GOAWAY: {s2:?}"
+    );
+}
+
+/// Issue 18: SIGKILL of the leader's process (no Lease release, no drain). A live replica
+/// (the other pod, or the killed one's restarted container) holds the Lease again and writes
+/// status; the time it took is reported.
+fn hard_crash_takeover(node: &Node) {
+    let leader = wait(Duration::from_secs(30), "a pod holds the Lease", || {
+        node.lease_holder()
+    });
+    let pod = node.json(&["-n", NS, "get", "pod", &leader]);
+    let restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+        .as_u64()
+        .unwrap_or_default();
+    let container = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("containerd://"))
+        .expect("the leader's containerd id")
+        .to_string();
+    let renewed_before = node.k(&[
+        "-n",
+        NS,
+        "get",
+        "lease",
+        "tollgate-tollgate",
+        "-o",
+        "jsonpath={.spec.renewTime}",
+    ]);
+    let mut kill = Command::new("ctr");
+    kill.args([
+        "--address",
+        &node.env["CONTAINERD_SOCK"],
+        "-n",
+        "k8s.io",
+        "tasks",
+        "kill",
+        "--signal",
+        "SIGKILL",
+        &container,
+    ]);
+    let t = Instant::now();
+    run_ok(kill, "ctr tasks kill -s SIGKILL");
+    // A renewal by a live process: another holder, or the same pod's restarted container.
+    let (holder, how) = wait(
+        Duration::from_secs(60),
+        "a live replica renews the Lease",
+        || {
+            let lease = node.json(&["-n", NS, "get", "lease", "tollgate-tollgate"]);
+            let holder = lease["spec"]["holderIdentity"].as_str()?.to_string();
+            let renewed = lease["spec"]["renewTime"].as_str()?.to_string();
+            if renewed == renewed_before {
+                return None;
+            }
+            if holder != leader {
+                return Some((holder, "the other replica"));
+            }
+            let p = node.json(&["-n", NS, "get", "pod", &leader]);
+            let now = p["status"]["containerStatuses"][0]["restartCount"].as_u64()?;
+            (now > restarts).then_some((holder, "the restarted container"))
+        },
+    );
+    let takeover = t.elapsed();
+    node.apply(&route("after-crash", "/crash", "echo", json!({})));
+    wait(
+        Duration::from_secs(30),
+        "status writes resume after the crash",
+        || route_ready(node, "after-crash", 1),
+    );
+    let status = t.elapsed();
+    eprintln!(
+        "leader {leader} SIGKILLed: {holder} ({how}) renewed the Lease after {:.1}s; \
+         status written {:.1}s after the kill",
+        takeover.as_secs_f64(),
+        status.as_secs_f64()
+    );
+    wait(
+        Duration::from_secs(90),
+        "both gateway pods Ready again",
+        || (node.ready_pods(NS, "app.kubernetes.io/name=tollgate").len() == 2).then_some(()),
+    );
 }

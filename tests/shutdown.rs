@@ -1,14 +1,20 @@
 //! R7 with the real binary: SIGTERM while a slow request and an SSE stream are in flight. The
 //! gateway turns `/readyz` 503 (the admin port keeps answering), refuses new connections on the
 //! proxy port, lets the request and the stream finish, and exits 0 within `--shutdown-grace`.
+//! Kept-alive client connections are never closed under a request during the drain: HTTP/1.1
+//! answers say `Connection: close` first, HTTP/2 gets GOAWAY, and a pooling client resends
+//! nothing.
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
+use support::keepalive::{KeepAlive, Proto, Stats};
 use support::process::GatewayProcess;
 use support::raw::raw_request;
 use support::*;
@@ -222,6 +228,225 @@ async fn a_stream_longer_than_the_grace_is_cut_and_the_process_still_exits_zero(
         .await
         .expect("the client's stream ends when the process exits");
         assert!(end.is_err(), "a cut stream ends with an error");
+    })
+    .await;
+}
+
+/// One pool of the drain test: its protocol, how many workers share it, and each worker's
+/// pause between requests.
+struct Lane {
+    name: &'static str,
+    proto: Proto,
+    workers: usize,
+    pause: Duration,
+}
+
+/// Issue 18: a rolling upgrade resent 5 requests because the drain closed a kept-alive
+/// connection under the client. Here a pooling client keeps sending through old gateway A
+/// (HTTP/1.1 at several paces, around the drain's 1 s idle close too, and HTTP/2) when A gets
+/// SIGTERM; new connections go to B from then on, as a load balancer's endpoints would. Every
+/// request is answered, none is resent, the HTTP/1.1 connections to A are told
+/// `Connection: close`, HTTP/2 moves on after GOAWAY, and A exits long before its grace period.
+/// (HTTP/2 streams that hyper's client opens after the first GOAWAY and that the final one
+/// refuses are counted apart: the client knows they were not processed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_no_kept_alive_connection_under_a_request() {
+    bounded_for(Duration::from_secs(40), async {
+        let echo = Backend::spawn(
+            "echo",
+            handler(|_, _| async { respond(StatusCode::OK, "ok") }),
+        )
+        .await;
+        let mut docs = api_key(
+            "default",
+            "drain",
+            "drain-1",
+            KEY,
+            &[],
+            json!({"rateLimit": {"requestsPerMinute": 1000000, "burst": 100000}}),
+        );
+        docs.push(route(
+            "ka",
+            json!({"match": {"pathPrefix": "/ka"}, "backends": [{"url": echo.url()}]}),
+        ));
+        let config = yaml(docs);
+        let mut old = GatewayProcess::start(&config, &["--shutdown-grace", "10s"], &[]).await;
+        let new = GatewayProcess::start(&config, &["--shutdown-grace", "10s"], &[]).await;
+
+        let lanes = [
+            Lane {
+                name: "h1 busy",
+                proto: Proto::Http1,
+                workers: 4,
+                pause: Duration::from_millis(10),
+            },
+            Lane {
+                name: "h1 300ms",
+                proto: Proto::Http1,
+                workers: 1,
+                pause: Duration::from_millis(300),
+            },
+            Lane {
+                name: "h1 800ms",
+                proto: Proto::Http1,
+                workers: 1,
+                pause: Duration::from_millis(800),
+            },
+            Lane {
+                name: "h1 950ms",
+                proto: Proto::Http1,
+                workers: 1,
+                pause: Duration::from_millis(950),
+            },
+            Lane {
+                name: "h1 1100ms",
+                proto: Proto::Http1,
+                workers: 1,
+                pause: Duration::from_millis(1100),
+            },
+            Lane {
+                name: "h1 1600ms",
+                proto: Proto::Http1,
+                workers: 1,
+                pause: Duration::from_millis(1600),
+            },
+            Lane {
+                name: "h2 busy",
+                proto: Proto::Http2,
+                workers: 4,
+                pause: Duration::from_millis(10),
+            },
+        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut pools = Vec::new();
+        let mut tasks = Vec::new();
+        for lane in &lanes {
+            let pool = KeepAlive::new(old.listen, lane.proto);
+            // Idle connections besides the busy ones: five opened at once, most then left in
+            // the pool untouched (the drain closes those; no request meets them closed).
+            let warm: Vec<_> = (0..5)
+                .map(|_| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move { pool.get("/ka/warm", &[("x-api-key", KEY)]).await })
+                })
+                .collect();
+            for w in warm {
+                let r = w.await.expect("warm-up task").expect("warm-up request");
+                assert_eq!(r.status, 200, "{}: warm-up", lane.name);
+            }
+            for _ in 0..lane.workers {
+                let (pool, stop, pause) = (pool.clone(), stop.clone(), lane.pause);
+                tasks.push(tokio::spawn(async move {
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match pool.get("/ka/x", &[("x-api-key", KEY)]).await {
+                            Ok(r) if r.status == 200 => {}
+                            Ok(r) => errors.push(format!("status {}", r.status)),
+                            Err(e) => errors.push(e),
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    errors
+                }));
+            }
+            pools.push((lane.name, pool));
+        }
+
+        // Traffic through A for a while, then A leaves the endpoints and gets SIGTERM.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before: Vec<Stats> = pools.iter().map(|(_, p)| p.stats()).collect();
+        for (_, p) in &pools {
+            p.retarget(new.listen);
+        }
+        let term = Instant::now();
+        old.sigterm();
+        let status = tokio::time::timeout(Duration::from_secs(8), old.child.wait()).await;
+        let exited = term.elapsed();
+        // Traffic goes on through B for a moment, then stops.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for t in tasks {
+            errors.extend(t.await.expect("worker task"));
+        }
+
+        let mut total = Stats::default();
+        let mut problems = Vec::new();
+        for ((name, p), before) in pools.iter().zip(&before) {
+            let s = p.stats();
+            println!(
+                "{name}: {} requests ({} after SIGTERM), {} answered, {} resent, \
+                 {} refused by GOAWAY, {} failed, {} connect errors, {} connections, \
+                 {} told close, {} found closed idle",
+                s.requests,
+                s.requests - before.requests,
+                s.answered,
+                s.resends,
+                s.refused,
+                s.failed,
+                s.connect_errors,
+                s.connections,
+                s.told_close,
+                s.closed_idle
+            );
+            if s.resends > 0 {
+                println!("{name}: resent because {:?}", p.resend_causes());
+            }
+            total.requests += s.requests;
+            total.answered += s.answered;
+            total.resends += s.resends;
+            total.refused += s.refused;
+            total.failed += s.failed;
+            total.connect_errors += s.connect_errors;
+            total.told_close += s.told_close;
+            if name.starts_with("h1") && s.told_close == 0 {
+                problems.push(format!(
+                    "{name}: the connection to the draining gateway was not told Connection: close"
+                ));
+            }
+            if name.starts_with("h2") && s.connections < 2 {
+                problems.push(format!(
+                    "{name}: after GOAWAY the client opened no connection to the new gateway"
+                ));
+            }
+            if s.requests == before.requests {
+                problems.push(format!("{name}: no request after SIGTERM"));
+            }
+        }
+        println!(
+            "drain: old gateway done {exited:?} after SIGTERM; {} requests, {} resends, \
+             {} HTTP/2 streams refused by GOAWAY (retried), {} failed, {} told close",
+            total.requests, total.resends, total.refused, total.failed, total.told_close
+        );
+        let status = status
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the old gateway exits well within its 10 s grace:\n{}",
+                    old.output()
+                )
+            })
+            .expect("wait for the old gateway");
+        for l in old
+            .output()
+            .lines()
+            .filter(|l| !l.contains("tollgate::access"))
+        {
+            eprintln!("DBG {l}");
+        }
+        assert!(errors.is_empty(), "requests failed: {errors:?}");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(total.failed, 0, "no request failed");
+        assert_eq!(total.connect_errors, 0, "no connection was refused");
+        assert_eq!(
+            total.resends, 0,
+            "no request was sent into a kept-alive connection closed under it"
+        );
+        assert_eq!(total.answered, total.requests);
+        assert_eq!(status.code(), Some(0), "{}", old.output());
+        assert!(
+            exited < Duration::from_secs(4),
+            "the drain ended once the connections were closed, not at the grace: {exited:?}"
+        );
     })
     .await;
 }

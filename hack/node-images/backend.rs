@@ -6,7 +6,7 @@
 //!                   it and of the pod ($POD_NAME, else the host name)
 //!   backend llm     an OpenAI-style chat completion server: POST /v1/chat/completions answers
 //!                   with JSON, or with `"stream": true` with $CHUNKS (5) SSE chunks $DELAY_MS
-//!                   (100) apart and `data: [DONE]`
+//!                   (100) apart and `data: [DONE]`; a request's `max_tokens` overrides $CHUNKS
 //!
 //! Both servers answer GET /healthz with 200 for probes, keep connections alive, and exit on
 //! stdin EOF only if $EXIT_ON_EOF is set (PID 1 in a container ignores SIGTERM without a
@@ -140,7 +140,14 @@ fn llm(out: &mut TcpStream, req: &Request, pod: &str) -> std::io::Result<()> {
     let body = String::from_utf8_lossy(&req.body);
     let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
     let words = ["Tollgate", " routes", " agent", " traffic", " on", " a", " real", " node", "."];
-    let chunks: usize = env_or("CHUNKS", 5);
+    // `max_tokens` in the request (a test asking for a longer stream), else $CHUNKS.
+    let chunks: usize = compact
+        .split_once("\"max_tokens\":")
+        .and_then(|(_, rest)| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| env_or("CHUNKS", 5));
     if !compact.contains("\"stream\":true") {
         let text: String = (0..chunks).map(|i| words[i % words.len()]).collect();
         let reply = format!(

@@ -9,7 +9,7 @@
 //! (`--header-read-timeout`) are separate limits.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +30,9 @@ pub struct ConnActivity {
     reads: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicU32,
+    /// An HTTP/2 request was seen: on the plain port, where the protocol is detected from the
+    /// first bytes, this is how the watchdog and the drain learn that it is HTTP/2 (h2c).
+    multiplexed: AtomicBool,
 }
 
 impl ConnActivity {
@@ -43,6 +46,15 @@ impl ConnActivity {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    /// The connection turned out to be HTTP/2 (called on its HTTP/2 requests only).
+    pub fn multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
     }
 
     fn read(&self) -> (u64, u64, u32) {
@@ -175,7 +187,8 @@ impl Watchdog {
     }
 
     /// Completes when the connection should end. `draining`: the gateway is shutting down, so
-    /// an idle connection is closed after [`DRAIN_IDLE`] instead of the idle timeout.
+    /// an idle connection is closed after [`DRAIN_IDLE`] instead of the idle timeout, and an
+    /// HTTP/2 connection at the next tick (GOAWAY: its streams finish, no new ones come).
     pub async fn expired(&mut self, activity: &ConnActivity, draining: bool) -> Expiry {
         let idle = if draining {
             self.limits.idle.min(DRAIN_IDLE)
@@ -187,7 +200,16 @@ impl Watchdog {
                 State::Head { .. } => self.limits.header,
                 State::Busy | State::Idle { .. } => idle,
             };
-            tokio::time::sleep((limit / 4).max(Duration::from_millis(10))).await;
+            // Draining: short ticks in every state, so that a connection that has just served
+            // its first request is seen idle (and closed) within the drain's idle limit.
+            let tick = if draining { limit.min(idle) } else { limit };
+            tokio::time::sleep((tick / 4).max(Duration::from_millis(10))).await;
+            if activity.is_multiplexed() {
+                if draining {
+                    return Expiry::Idle;
+                }
+                self.multiplexed = true;
+            }
             if let Some(e) = self.check(activity.read(), Instant::now(), idle) {
                 return e;
             }

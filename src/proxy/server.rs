@@ -184,6 +184,9 @@ fn spawn_connection(
     let svc_activity = activity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let busy = svc_activity.request();
+        if req.version() >= Version::HTTP_2 {
+            svc_activity.multiplexed();
+        }
         let gw = svc_gw.clone();
         async move {
             let http1 = req.version() < Version::HTTP_2;
@@ -248,6 +251,11 @@ async fn drive<C, E>(
     let mut closing = false;
     let result = loop {
         tokio::select! {
+            // The connection first: when a request's bytes and a watchdog tick are ready at the
+            // same wake-up, hyper reads the request (and the connection is busy) before the
+            // watchdog can call it idle. Otherwise an idle close would drop a request already
+            // in the socket's buffer, and the client would have to resend it.
+            biased;
             r = conn.as_mut() => break r,
             expiry = watchdog.expired(activity, draining), if !closing => match expiry {
                 // A head that never completes: nothing to finish cleanly.
@@ -262,9 +270,11 @@ async fn drive<C, E>(
             },
             changed = drain.changed(), if !draining => {
                 draining = changed.is_err() || *drain.borrow();
-                // HTTP/2 clients learn from GOAWAY which streams were served; an HTTP/1.1
-                // connection is told on its next answer, or closed by the watchdog once idle.
-                if draining && http2 {
+                // HTTP/2 clients learn from GOAWAY which streams were served (on the plain
+                // port, h2c is known from its first request; the watchdog sends GOAWAY to one
+                // whose first request comes later); an HTTP/1.1 connection is told on its next
+                // answer, or closed by the watchdog once idle.
+                if draining && (http2 || activity.is_multiplexed()) {
                     conn.as_mut().close_gracefully();
                     closing = true;
                 }
@@ -274,6 +284,13 @@ async fn drive<C, E>(
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+    tracing::debug!(
+        TMPDBG = true,
+        multiplexed = activity.is_multiplexed(),
+        draining,
+        closing,
+        "connection ended"
+    );
 }
 
 /// A connection that can be asked to finish what is in flight and close.

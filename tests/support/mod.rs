@@ -7,8 +7,10 @@
 //! - [`scenario`]: backends + keys + routes + gateway in one builder, for tests that differ
 //!   only in those;
 //! - [`raw`]: the raw wire: a strict raw TCP backend and a raw HTTP/1.1 client;
+//! - [`keepalive`]: a pooling keep-alive client (HTTP/1.1, h2c) that counts resends;
 //! - [`process`]: the built `tollgate` binary as a child process (`standalone` or `run`);
 //! - [`k8s`]: a real etcd + kube-apiserver (`hack/controlplane.sh`) and Kubernetes helpers;
+//! - [`dockerfile`]: the repository's Dockerfile read as instructions;
 //! - [`dnsmasq`], [`redis`]: real DNS and Redis servers of the test's own;
 //! - [`metrics`]: `/metrics` fetched and parsed; [`ports`]: free loopback ports.
 // Each test binary uses a different part of this tree.
@@ -25,7 +27,9 @@ use tollgate::app::{Running, ServeOptions};
 
 pub mod backend;
 pub mod dnsmasq;
+pub mod dockerfile;
 pub mod k8s;
+pub mod keepalive;
 pub mod mcp;
 pub mod metrics;
 pub mod netns;
