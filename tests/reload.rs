@@ -149,8 +149,9 @@ async fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_its_file_serve
     bounded(async {
         let api = Backend::echo("api").await;
         let open = json!({"required": false});
-        let ingress = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-                             "metadata": {"name": "web"}, "spec": {}});
+        // A kind the gateway does not read (Ingress it now does).
+        let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                            "metadata": {"name": "web"}, "spec": {}});
         let after = route(
             "after",
             json!({"match": {"pathPrefix": "/after"}, "auth": open, "backends": [{"url": api.url()}]}),
@@ -160,7 +161,7 @@ async fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_its_file_serve
                 "api",
                 json!({"match": {"pathPrefix": "/api"}, "auth": open, "backends": [{"url": api.url()}]}),
             ),
-            ingress,
+            policy,
             after,
         ];
         let gw = gateway_allowing_problems(yaml(docs), |_| {}).await;
@@ -174,7 +175,7 @@ async fn a_document_of_an_unknown_kind_is_skipped_and_the_rest_of_its_file_serve
         assert!(origin.ends_with("config.yaml"), "{origin}");
         let message = problems[0]["message"].as_str().expect("message");
         assert!(
-            message.contains("document 2") && message.contains("Ingress"),
+            message.contains("document 2") && message.contains("NetworkPolicy"),
             "{message}"
         );
     })
